@@ -1,0 +1,35 @@
+"""nahtlos: seamless tile-and-stitch segmentation of very large microscopy images."""
+
+from __future__ import annotations
+
+from .errors import (
+    BlockShapeError,
+    FormatError,
+    IncompleteOutputError,
+    InputNotFoundError,
+    NahtlosError,
+    NahtlosWarning,
+    ShapeMismatchError,
+)
+from .geometry import Block, BlockGrid
+from .io import open_image
+from .predict import PredictionStats, predict_blockwise, predict_whole
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block",
+    "BlockGrid",
+    "BlockShapeError",
+    "FormatError",
+    "IncompleteOutputError",
+    "InputNotFoundError",
+    "NahtlosError",
+    "NahtlosWarning",
+    "PredictionStats",
+    "ShapeMismatchError",
+    "__version__",
+    "open_image",
+    "predict_blockwise",
+    "predict_whole",
+]

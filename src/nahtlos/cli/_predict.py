@@ -1,0 +1,96 @@
+"""``nahtlos predict``: block-wise prediction of an image file into an output file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..checkpoint import load_model
+from ..errors import BlockShapeError
+from ..geometry import BlockGrid
+from ..io import PendingOutput, check_output_path, open_image
+from ..predict import predict_blockwise, resolve_device
+from ._common import cli_errors, fail, parse_ints
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)
+
+
+@cli_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="TorchScript file (torch.jit.save).")],
+    input: Annotated[
+        str, typer.Argument(help="Image: .tif/.tiff, .npy, .zarr, or file.h5:dataset.")
+    ],
+    output: Annotated[
+        Path, typer.Argument(help="Output: .zarr, .npy or .tif (float32, C,[Z,]Y,X).")
+    ],
+    block: Annotated[
+        str | None, typer.Option(help="Inner block shape per axis, e.g. 64,128,128 (or one value).")
+    ] = None,
+    halo: Annotated[str | None, typer.Option(help="Halo: N or Z,Y,X.")] = None,
+    alignment: Annotated[
+        str | None, typer.Option(help="Network down-sampling factor: N or Z,Y,X.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    input_key: Annotated[
+        str | None, typer.Option(help="Dataset inside an HDF5 file or zarr group.")
+    ] = None,
+    ndim: Annotated[
+        int | None,
+        typer.Option(min=2, max=3, help="Spatial dimensions (default: from --block or the model)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Predict INPUT block-wise with MODEL and write the raw model output to OUTPUT."""
+    out_path = check_output_path(output, overwrite)
+    image = open_image(input, input_key)
+    loaded = load_model(model, map_location="cpu")
+    meta = loaded.metadata
+    block_v = parse_ints(block, "block")
+    halo_v = parse_ints(halo, "halo")
+    align_v = parse_ints(alignment, "alignment")
+    if halo_v is None:
+        halo_v = meta.get("halo")
+    if align_v is None:
+        align_v = meta.get("alignment", 1)
+    if ndim is None:
+        ndim = len(block_v) if isinstance(block_v, tuple) else meta.get("ndim")
+    if ndim is None:
+        ndim = len(image.shape) if len(image.shape) <= 3 else len(image.shape) - 1
+    if len(image.shape) not in (ndim, ndim + 1):
+        raise BlockShapeError(
+            f"image {input!r} has shape {tuple(image.shape)}, which does not fit a {ndim}D block; "
+            f"expected {ndim} spatial axes with an optional leading channel axis"
+        )
+    if block_v is None:
+        raise fail("--block is required for this model (e.g. --block 64,128,128)")
+    if halo_v is None:
+        raise fail("--halo is required for this model (the receptive-field radius, e.g. --halo 16)")
+    # Output chunks equal the blocks, so that no two blocks write the same chunk.
+    grid = BlockGrid(tuple(image.shape[-ndim:]), block_v, halo_v, align_v)
+    pending = PendingOutput(out_path, chunks=grid.block, overwrite=overwrite)
+    dev = resolve_device(device)
+    try:
+        predict_blockwise(
+            loaded.module,
+            image,
+            block_v,
+            halo_v,
+            align_v,
+            ndim=ndim,
+            batch_size=batch_size,
+            device=dev,
+            out=pending,
+            progress=progress,
+        )
+        final = pending.commit()
+    except BaseException:
+        pending.discard()
+        raise
+    typer.echo(f"wrote {final}")

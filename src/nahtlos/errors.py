@@ -1,0 +1,47 @@
+"""The exception and warning hierarchy of nahtlos.
+
+Every error raised on purpose by nahtlos derives from :class:`NahtlosError`, and
+also from the builtin a caller would naturally catch (``ValueError``,
+``FileNotFoundError``, ...), so that ``except ValueError`` keeps working for code
+that does not know nahtlos.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BlockShapeError",
+    "FormatError",
+    "IncompleteOutputError",
+    "InputNotFoundError",
+    "NahtlosError",
+    "NahtlosWarning",
+    "ShapeMismatchError",
+]
+
+
+class NahtlosError(Exception):
+    """Base class of all errors raised by nahtlos."""
+
+
+class BlockShapeError(NahtlosError, ValueError):
+    """A block shape, halo or alignment that cannot give exact block-wise prediction."""
+
+
+class ShapeMismatchError(NahtlosError, ValueError):
+    """Two arrays (image and labels, model input and output, ...) have incompatible shapes."""
+
+
+class FormatError(NahtlosError, ValueError):
+    """A file format, extension or dataset key that nahtlos cannot read or write."""
+
+
+class InputNotFoundError(NahtlosError, FileNotFoundError):
+    """An input file, dataset or model does not exist."""
+
+
+class IncompleteOutputError(NahtlosError, RuntimeError):
+    """An output exists but was not completely written (an interrupted run)."""
+
+
+class NahtlosWarning(UserWarning):
+    """Warnings about values nahtlos adjusted or results that may not be exact."""

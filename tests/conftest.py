@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# pytest-xdist runs one process per core: one torch thread each avoids oversubscription.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+def make_unet(
+    ndim: int,
+    levels: int,
+    norm: str | tuple = "batch",
+    in_channels: int = 1,
+    out_channels: int = 2,
+    num_res_units: int = 0,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A small MONAI UNet in eval mode, with non-trivial BatchNorm running statistics."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    channels = (4, 8, 16, 16)[: levels + 1]
+    net = UNet(
+        ndim,
+        in_channels,
+        out_channels,
+        channels=channels,
+        strides=(2,) * levels,
+        norm=norm,
+        num_res_units=num_res_units,
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return net.eval()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
