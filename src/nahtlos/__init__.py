@@ -12,7 +12,9 @@ from .errors import (
     ShapeMismatchError,
 )
 from .geometry import Block, BlockGrid
+from .intensity import InputNormalization
 from .io import open_image
+from .metrics import TileMismatch, TrainEvalDisparity, dice, tile_mismatch, train_eval_disparity
 from .predict import PredictionStats, predict_blockwise, predict_whole
 
 __version__ = "0.1.0"
@@ -23,13 +25,19 @@ __all__ = [
     "BlockShapeError",
     "FormatError",
     "IncompleteOutputError",
+    "InputNormalization",
     "InputNotFoundError",
     "NahtlosError",
     "NahtlosWarning",
     "PredictionStats",
     "ShapeMismatchError",
+    "TileMismatch",
+    "TrainEvalDisparity",
     "__version__",
+    "dice",
     "open_image",
     "predict_blockwise",
     "predict_whole",
+    "tile_mismatch",
+    "train_eval_disparity",
 ]
