@@ -31,8 +31,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from .data import (
 )
 from .errors import ShapeMismatchError
 from .intensity import InputNormalization
+from .metrics import activation_function, measuring_mode, preserved_state
 from .models import model_alignment, model_from_config, unet_receptive_radius, unetr_halo
 from .predict import predict_blockwise, resolve_device
 
@@ -61,7 +61,6 @@ __all__ = [
     "class_names",
     "dice_loss",
     "prediction_metadata",
-    "preserved_state",
     "train",
     "validate",
 ]
@@ -158,38 +157,6 @@ def prediction_metadata(config: TrainingConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- validation
 
 
-@contextmanager
-def preserved_state(model: torch.nn.Module) -> Iterator[None]:
-    """Restore every buffer (running statistics, counters) and train/eval flag on exit.
-
-    Inside, the model may be run in train mode without changing it.
-    """
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
-    modes = {name: m.training for name, m in model.named_modules()}
-    try:
-        yield
-    finally:
-        for mod_name, module in model.named_modules():
-            module.train(modes[mod_name])
-            for name, buf in list(module._buffers.items()):
-                full = f"{mod_name}.{name}" if mod_name else name
-                if buf is None or full not in saved:
-                    continue
-                if buf.is_inference() or buf.shape != saved[full].shape:
-                    # replaced under inference mode: put a normal tensor back
-                    module._buffers[name] = saved[full].clone()
-                else:
-                    with torch.no_grad():
-                        buf.copy_(saved[full])
-
-
-def _train_mode_without_dropout(model: torch.nn.Module) -> None:
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.eval()
-
-
 class _BothModes(torch.nn.Module):
     """Eval-mode and train-mode prediction of the same windows, channels concatenated."""
 
@@ -199,11 +166,12 @@ class _BothModes(torch.nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        y_eval = self.activation(self.model(x))
-        _train_mode_without_dropout(self.model)
-        y_train = self.activation(self.model(x))
-        self.model.eval()
+        # Each mode starts from the model as it was: train-mode running-statistics
+        # updates (BatchNorm, BatchRenorm) are undone after every batch of windows.
+        with measuring_mode(self.model, train=False):
+            y_eval = self.activation(self.model(x))
+        with measuring_mode(self.model, train=True):
+            y_train = self.activation(self.model(x))
         return torch.cat([y_eval, y_train], dim=1)
 
 
@@ -276,15 +244,14 @@ def validate(
     dict
         ``dice_eval``, ``dice_train``, ``disparity``: arrays of one value per class.
     """
-    act: Callable[[torch.Tensor], torch.Tensor] = (
-        torch.sigmoid if activation == "sigmoid" else (lambda t: torch.softmax(t, dim=1))
-    )
+    act = activation_function(activation)
+    assert act is not None
 
     def target(vol: Volume, region: tuple[slice, ...]) -> np.ndarray:
         return semantic_target(vol, region, labels, num_classes, boundary_mode)  # type: ignore[arg-type]
 
     results: dict[str, list[np.ndarray]] = {"dice_eval": [], "dice_train": [], "disparity": []}
-    with preserved_state(model):
+    with preserved_state(model):  # restores the train/eval flags, too
         both = _BothModes(model, act)
         for vol in volumes:
             probe = target(vol, tuple(slice(r.start, r.start + 1) for r in vol.region))
@@ -615,7 +582,7 @@ def train(
         bar.close()
     if last_ckpt is None:  # nothing left to do: the resumed checkpoint is the result
         last_ckpt = checkpoint(start)
+        _plot_curves(out, names)
     shutil.copyfile(last_ckpt, result.checkpoint)
-    _plot_curves(out, names)
     result.seconds = time.perf_counter() - t_start
     return result

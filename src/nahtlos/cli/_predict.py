@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
 
 @cli_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="TorchScript file (torch.jit.save).")],
+    model: Annotated[
+        Path, typer.Argument(help="TorchScript file (torch.jit.save) or nahtlos checkpoint.")
+    ],
     input: Annotated[
         str, typer.Argument(help="Image: .tif/.tiff, .npy, .zarr, or file.h5:dataset.")
     ],
@@ -47,7 +49,11 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Predict INPUT block-wise with MODEL and write the raw model output to OUTPUT."""
+    """Predict INPUT block-wise with MODEL and write the model output to OUTPUT.
+
+    Input normalization and output activation are applied when the model's metadata
+    names them (nahtlos checkpoints do); otherwise the raw output is written.
+    """
     out_path = check_output_path(output, overwrite)
     image = open_image(input, input_key)
     loaded = load_model(model, map_location="cpu")
@@ -69,6 +75,8 @@ def predict(
             f"expected {ndim} spatial axes with an optional leading channel axis"
         )
     if block_v is None:
+        block_v = meta.get("block")
+    if block_v is None:
         raise fail("--block is required for this model (e.g. --block 64,128,128)")
     if halo_v is None:
         raise fail("--halo is required for this model (the receptive-field radius, e.g. --halo 16)")
@@ -87,6 +95,9 @@ def predict(
             batch_size=batch_size,
             device=dev,
             out=pending,
+            # a checkpoint's input normalization (fitted on this image) and activation
+            input_transform=loaded.input_transform(image, ndim, progress=progress),
+            output_transform=loaded.output_transform(),
             progress=progress,
         )
         final = pending.commit()
