@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .checkpoint import LoadedModel, load_model
+from .config import ConfigError, TrainingConfig, load_config
+from .data import PatchSampler, instances_to_semantic
 from .errors import (
     BlockShapeError,
     FormatError,
@@ -15,7 +18,9 @@ from .geometry import Block, BlockGrid
 from .intensity import InputNormalization
 from .io import open_image
 from .metrics import TileMismatch, TrainEvalDisparity, dice, tile_mismatch, train_eval_disparity
+from .models import build_model
 from .predict import PredictionStats, predict_blockwise, predict_whole
+from .train import train
 
 __version__ = "0.1.0"
 
@@ -23,21 +28,30 @@ __all__ = [
     "Block",
     "BlockGrid",
     "BlockShapeError",
+    "ConfigError",
     "FormatError",
     "IncompleteOutputError",
     "InputNormalization",
     "InputNotFoundError",
+    "LoadedModel",
     "NahtlosError",
     "NahtlosWarning",
+    "PatchSampler",
     "PredictionStats",
     "ShapeMismatchError",
     "TileMismatch",
     "TrainEvalDisparity",
+    "TrainingConfig",
     "__version__",
+    "build_model",
     "dice",
+    "instances_to_semantic",
+    "load_config",
+    "load_model",
     "open_image",
     "predict_blockwise",
     "predict_whole",
     "tile_mismatch",
+    "train",
     "train_eval_disparity",
 ]

@@ -47,7 +47,9 @@ def train(
     patch: Annotated[str | None, typer.Option(help="Training patch: Y,X or Z,Y,X.")] = None,
     resume: Annotated[
         Path | None,
-        typer.Option(help="Continue from a checkpoint (its configuration, unless CONFIG is given)."),
+        typer.Option(
+            help="Continue from a checkpoint (its configuration, unless CONFIG is given)."
+        ),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -96,7 +98,9 @@ def train(
     else:
         raise fail("give a CONFIG file, --image and --labels, or --resume CHECKPOINT")
     result = run_training(cfg, resume=resume, progress=progress)
-    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; model: {result.checkpoint}")
+    typer.echo(
+        f"trained {result.steps} steps in {result.seconds:.0f} s; model: {result.checkpoint}"
+    )
     if result.validation:
         last = result.validation[-1]
         dice = ", ".join(
