@@ -272,7 +272,16 @@ def test_checkpoint_predicts_through_the_cli_alone(files, tmp_path):
     np.save(tmp_path / "other.npy", other * 3 + 100)
     out = tmp_path / "pred.zarr"
     result = runner.invoke(
-        app, ["predict", str(model), str(tmp_path / "other.npy"), str(out), "--no-progress"]
+        app,
+        [
+            "predict",
+            str(model),
+            str(tmp_path / "other.npy"),
+            str(out),
+            "--no-progress",
+            "--batch-size",
+            "4",
+        ],
     )
     assert result.exit_code == 0, result.output
     got = np.asarray(open_image(out)[...])
@@ -306,3 +315,57 @@ def test_cli_short_form_and_config_errors(files, tmp_path):
     assert "modle: unknown field" in result.output
     result = runner.invoke(app, ["train", "--image", image, "--out", str(out)])
     assert result.exit_code == 2 and "--labels" in result.output
+
+
+@pytest.mark.parametrize(
+    ("shape", "model", "patch"),
+    [
+        (
+            (48, 64),
+            {
+                "arch": "unetr",
+                "norm": "batch",
+                "feature_size": 4,
+                "hidden_size": 16,
+                "mlp_dim": 16,
+                "num_heads": 2,
+            },
+            [48, 48],
+        ),
+        ((16, 24, 24), {"norm": "instance", "channels": [4, 4, 4]}, [16, 16, 16]),
+    ],
+    ids=["unetr-2d", "unet-3d"],
+)
+def test_unetr_and_3d_runs_predict_from_their_checkpoints(tmp_path, shape, model, patch):
+    image, labels = _nuclei(shape, n=8, seed=2)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    np.save(tmp_path / "lab.npy", labels)
+    volume = {"image": str(tmp_path / "img.tif"), "labels": str(tmp_path / "lab.npy")}
+    cfg = validate_config(
+        {
+            "data": {
+                "train": [volume],
+                "val": [volume],
+                "patch": patch,
+                "input_norm": {"mode": "tilewise"},
+            },
+            "model": {"ndim": len(shape), **model},
+            "train": {"steps": 2, "accumulate": 1, "val_every": 2},
+            "out": str(tmp_path / "run"),
+        }
+    )
+    result = train(cfg, progress=False)
+    assert len(result.validation) == 1
+    meta = load_model(result.checkpoint).metadata
+    assert meta["tile_dependent"] and meta["input_normalization"]["mode"] == "tilewise"
+    if model.get("arch") == "unetr":
+        assert meta["window"] == [48, 48] and meta["block"] == [16, 16]
+        assert meta["alignment"] == [16, 16] and meta["halo"] == [16, 16]
+    out = tmp_path / "pred.npy"
+    res = runner.invoke(
+        app,
+        ["predict", str(result.checkpoint), str(tmp_path / "img.tif"), str(out), "--no-progress"],
+    )
+    assert res.exit_code == 0, res.output
+    pred = np.load(out)
+    assert pred.shape == (3, *shape) and np.isfinite(pred).all()

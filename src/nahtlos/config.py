@@ -265,6 +265,10 @@ class TrainingConfig(_Section):
                 "(its window is fixed to the patch; a halo of at least 16 is cropped from each side)"
             )
         vb = self.train.val_block
+        if vb is not None and self.model.arch == "unetr":
+            raise ValueError(
+                "train.val_block: a UNETR's window is fixed to data.patch; leave val_block out"
+            )
         if vb is not None:
             if len(vb) != nd:
                 raise ValueError(f"train.val_block {vb} has {len(vb)} axes but model.ndim is {nd}")
