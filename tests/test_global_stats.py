@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_unet
 
+from conftest import make_unet
 from nahtlos.global_stats import (
     GlobalNormStats,
     compute_global_stats,
