@@ -385,7 +385,8 @@ def compute_global_stats(
     domain = BlockGrid(
         spatial, tuple(-(-n // a) * a for n, a in zip(spatial, align, strict=True)), halo_t, align
     ).padded_shape
-    grid = BlockGrid(domain, block, halo_t, align)
+    # the prediction's own block grid: the statistics passes cost as many windows
+    grid = BlockGrid(spatial, block, halo_t, align)
     view = _ZeroPadded(image, channels, halo_t, domain, input_transform)
     layers = tile_norm_layers(model, ignore_running_stats)
     fp = _fingerprint(
@@ -401,7 +402,8 @@ def compute_global_stats(
     )
     blocks = list(grid)
     if fraction < 1:
-        k = max(1, math.ceil(fraction * len(blocks)))
+        # at least two blocks, so that the spread between blocks gives a standard error
+        k = min(len(blocks), max(2, math.ceil(fraction * len(blocks))))
         rng = np.random.default_rng(seed)
         # stratified: one block from each of k equal runs of the grid order
         edges = np.linspace(0, len(blocks), k + 1)
@@ -424,7 +426,7 @@ def compute_global_stats(
     work_modules = dict(work.named_modules())
     example = torch.zeros((2, view.n_channels, *grid.window_shape), dtype=dtype, device=dev)
     order = _call_order(work, [(n, work_modules[n]) for n, _ in layers], example)
-    batches = _clipped_batches(blocks, domain, batch_size)
+    batches = _clipped_batches(blocks, grid, domain, batch_size)
     results: list[LayerStats] = []
     bar = tqdm(
         total=len(order) * len(batches),
@@ -492,25 +494,29 @@ class _Window:
 
 
 def _clipped_batches(
-    blocks: Sequence[Block], domain: tuple[int, ...], batch_size: int
+    blocks: Sequence[Block], grid: BlockGrid, domain: tuple[int, ...], batch_size: int
 ) -> list[list[_Window]]:
-    """Windows clipped at the domain border, batched by equal shape.
+    """The statistics windows of prediction blocks, batched by equal shape.
 
-    Clipping matters: the whole-image network sees the domain's edge as the border of
-    its feature maps (zero-padded features), not as more zero *input*; windows that
-    reached beyond the edge would compute different features near it. Window bounds
-    stay multiples of the alignment because blocks, halos and the domain are.
+    The statistics domain is the padded image, one halo wider than the image on every
+    side: the first and last block along each axis grow into that margin. Their
+    windows are clipped at the domain's edge, which keeps them the size of an ordinary
+    window, so a pass costs no more windows than a prediction. Clipping also matters
+    for exactness: the whole-image network sees the domain's edge as the border of its
+    feature maps (zero-padded features), not as more zero *input*. Window bounds stay
+    multiples of the alignment because blocks, halos and the domain are.
     """
     by_shape: dict[tuple[int, ...], list[_Window]] = {}
+    last = tuple(g - 1 for g in grid.grid_shape)
     for blk in blocks:
-        lo = [max(a, 0) for a in blk.window_start]
-        hi = [min(b, n) for b, n in zip(blk.window_stop, domain, strict=True)]
-        win = _Window(
-            window=tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)),
-            valid=tuple(
-                slice(s - a, e - a) for s, e, a in zip(blk.start, blk.stop, lo, strict=True)
-            ),
-        )
+        window, valid = [], []
+        for ax, (a, b, h, n) in enumerate(zip(blk.start, blk.stop, blk.halo, domain, strict=True)):
+            lo = 0 if blk.index[ax] == 0 else a + h  # domain coordinates
+            hi = n if blk.index[ax] == last[ax] else b + h
+            w0, w1 = max(lo - h, 0), min(hi + h, n)
+            window.append(slice(w0, w1))
+            valid.append(slice(lo - w0, hi - w0))
+        win = _Window(window=tuple(window), valid=tuple(valid))
         by_shape.setdefault(win.shape, []).append(win)
     return [
         group[i : i + batch_size]
