@@ -554,6 +554,10 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         assert self._loader is not None
         self._loader.exec_module(module)
+        # Hand the module back to its real loader (for get_source, resources, reloads).
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
         _uninstall_hook()
         register_monai_norms()
 
