@@ -5,7 +5,9 @@ Both networks have the same weights and shapes (the BatchRenorm one is made with
 clipping is active). Steps alternate between the two models, in alternating order, so
 that load from other processes hits both alike. The tables report medians, the median of
 the per-round ratios (each round runs both models back to back) and the ratio of the
-minima (the least disturbed runs on a shared machine). A second table times one norm
+minima (the least disturbed runs on a shared machine), on the wall clock and as process
+CPU time (less sensitive to other processes; use ``--threads 1`` so that it does not count
+threads waiting for each other). A second table times one norm
 layer alone (forward + backward on one activation tensor): the per-layer overhead that
 the convolutions of a full step dilute.
 
@@ -34,12 +36,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``fn()``."""
     _sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
@@ -62,30 +65,38 @@ def _layer_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
 
 def _compare(
     steps: dict[str, Callable[[], None]], rounds: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and CPU times per step name."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
-            times[name].append(_timed(steps[name], device))
-    return times
+            w, c = _timed(steps[name], device)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return wall, cpu
 
 
-def _table(title: str, times: dict[str, list[float]]) -> str:
-    bn, brn = times["BatchNorm"], times["BatchRenorm"]
-    per_round = statistics.median(b / a for a, b in zip(bn, brn, strict=True))
+def _table(title: str, wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> str:
     lines = [
         f"**{title}**",
         "",
-        "| norm | median (ms) | min (ms) | ratio: median of rounds | ratio of minima |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        f"| BatchNorm | {statistics.median(bn) * 1e3:.1f} | {min(bn) * 1e3:.1f} | 1.000 | 1.000 |",
-        f"| BatchRenorm | {statistics.median(brn) * 1e3:.1f} | {min(brn) * 1e3:.1f} | "
-        f"{per_round:.3f} | {min(brn) / min(bn):.3f} |",
+        "| norm | clock | median (ms) | min (ms) | ratio: median of rounds | ratio of minima |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
+    for clock, times in (("wall", wall), ("CPU", cpu)):
+        bn, brn = times["BatchNorm"], times["BatchRenorm"]
+        per_round = statistics.median(b / a for a, b in zip(bn, brn, strict=True))
+        lines += [
+            f"| BatchNorm | {clock} | {statistics.median(bn) * 1e3:.1f} | {min(bn) * 1e3:.1f} "
+            f"| 1.000 | 1.000 |",
+            f"| BatchRenorm | {clock} | {statistics.median(brn) * 1e3:.1f} | "
+            f"{min(brn) * 1e3:.1f} | {per_round:.3f} | {min(brn) / min(bn):.3f} |",
+        ]
     return "\n".join(lines)
 
 
@@ -120,7 +131,7 @@ def main() -> None:
         name: _train_step(net, torch.optim.SGD(net.parameters(), lr=1e-3), x, y)
         for name, net in nets.items()
     }
-    step_times = _compare(steps, args.rounds, args.warmup, device)
+    step_wall, step_cpu = _compare(steps, args.rounds, args.warmup, device)
 
     c = channels[0]
     act = torch.randn((args.batch, c) + (args.size,) * 3, device=device, requires_grad=True)
@@ -129,7 +140,7 @@ def main() -> None:
         "BatchNorm": nn.BatchNorm3d(c).to(device).train(),
         "BatchRenorm": BatchRenorm3d(c, r_max=3.0, d_max=5.0).to(device).train(),
     }
-    layer_times = _compare(
+    layer_wall, layer_cpu = _compare(
         {name: _layer_step(layer, act, g) for name, layer in layers.items()},
         args.rounds * 3,
         args.warmup,
@@ -141,9 +152,10 @@ def main() -> None:
         f"UNet channels {channels}, num_res_units {args.res_units}, {n_layers} norm layers; "
         f"input {shape}; {args.rounds} rounds\n"
     )
-    print(_table("Training step (forward, BCE loss, backward, SGD)", step_times))
+    print(_table("Training step (forward, BCE loss, backward, SGD)", step_wall, step_cpu))
     print()
-    print(_table(f"One norm layer, forward + backward on {tuple(act.shape)}", layer_times))
+    title = f"One norm layer, forward + backward on {tuple(act.shape)}"
+    print(_table(title, layer_wall, layer_cpu))
 
 
 if __name__ == "__main__":
