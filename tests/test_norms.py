@@ -516,10 +516,11 @@ def test_monai_norm_builds_monai_networks(name):
             assert all(m.track_running_stats for m in net.modules() if isinstance(m, expected))
 
 
-def test_import_registers_batchrenorm_with_monai_lazily():
+@pytest.mark.parametrize("monai_first", [False, True])
+def test_import_registers_batchrenorm_with_monai(monai_first):
+    # nahtlos registers at once if MONAI is imported, else right after MONAI's import.
     code = (
-        "import sys, nahtlos\n"
-        "assert 'monai' not in sys.modules, 'import nahtlos should not import MONAI'\n"
+        ("import monai.networks.layers.factories\n" if monai_first else "") + "import nahtlos\n"
         "from monai.networks.nets import UNet\n"
         "net = UNet(2, 1, 1, channels=(4, 8), strides=(2,), norm='batchrenorm')\n"
         "print(sorted({type(m).__name__ for m in net.modules() if 'Renorm' in type(m).__name__}))\n"

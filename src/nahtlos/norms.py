@@ -40,6 +40,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "RenormSchedule",
+    "batchrenorm_layers",
     "convert_model_file",
     "convert_norms",
     "group_count",
@@ -216,7 +217,7 @@ class _BatchRenorm(nn.Module):
             # Statistics of fp16/bf16 activations in float32: fp16 variances overflow
             # past 65504 and their rounding would leak into the running statistics.
             xs = x if x.dtype == self.running_mean.dtype else x.to(self.running_mean.dtype)
-            # The native batch-norm kernel's statistics: on CPU 3-10x faster than
+            # The native batch-norm kernel's statistics: on CPU about 3x faster than
             # torch.var_mean over (N, spatial) axes, which dominated the layer's cost.
             _, mean_b, invstd_b = torch.native_batch_norm(
                 xs, None, None, None, None, True, 0.0, self.eps
