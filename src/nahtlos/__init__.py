@@ -13,7 +13,9 @@ from .errors import (
     ShapeMismatchError,
 )
 from .geometry import Block, BlockGrid
+from .intensity import InputNormalization
 from .io import open_image
+from .metrics import TileMismatch, TrainEvalDisparity, dice, tile_mismatch, train_eval_disparity
 from .norms import (
     NORM_NAMES,
     BatchRenorm1d,
@@ -43,6 +45,7 @@ __all__ = [
     "BlockShapeError",
     "FormatError",
     "IncompleteOutputError",
+    "InputNormalization",
     "InputNotFoundError",
     "NahtlosError",
     "NahtlosWarning",
@@ -50,11 +53,16 @@ __all__ = [
     "PredictionStats",
     "RenormSchedule",
     "ShapeMismatchError",
+    "TileMismatch",
+    "TrainEvalDisparity",
     "__version__",
     "convert_norms",
+    "dice",
     "make_norm",
     "monai_norm",
     "open_image",
     "predict_blockwise",
     "predict_whole",
+    "tile_mismatch",
+    "train_eval_disparity",
 ]
