@@ -12,6 +12,7 @@ from .errors import (
     InputNotFoundError,
     NahtlosError,
     NahtlosWarning,
+    NormError,
     ShapeMismatchError,
 )
 from .geometry import Block, BlockGrid
@@ -19,12 +20,31 @@ from .intensity import InputNormalization
 from .io import open_image
 from .metrics import TileMismatch, TrainEvalDisparity, dice, tile_mismatch, train_eval_disparity
 from .models import build_model
+from .norms import (
+    NORM_NAMES,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    RenormSchedule,
+    _install_monai_hook,
+    convert_norms,
+    make_norm,
+    monai_norm,
+)
 from .predict import PredictionStats, predict_blockwise, predict_whole
 from .train import train
 
 __version__ = "0.1.0"
 
+# `UNet(norm="batchrenorm")` must work after `import nahtlos`, without importing MONAI
+# (seconds) when it is not used.
+_install_monai_hook()
+
 __all__ = [
+    "NORM_NAMES",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "Block",
     "BlockGrid",
     "BlockShapeError",
@@ -36,18 +56,23 @@ __all__ = [
     "LoadedModel",
     "NahtlosError",
     "NahtlosWarning",
+    "NormError",
     "PatchSampler",
     "PredictionStats",
+    "RenormSchedule",
     "ShapeMismatchError",
     "TileMismatch",
     "TrainEvalDisparity",
     "TrainingConfig",
     "__version__",
     "build_model",
+    "convert_norms",
     "dice",
     "instances_to_semantic",
     "load_config",
     "load_model",
+    "make_norm",
+    "monai_norm",
     "open_image",
     "predict_blockwise",
     "predict_whole",
