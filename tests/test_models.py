@@ -6,6 +6,7 @@ import torch
 
 from nahtlos.config import validate_config
 from nahtlos.models import build_model, model_alignment, unet_receptive_radius, unetr_halo
+from nahtlos.norms import BatchRenorm2d
 from nahtlos.testing import assert_blockwise_equal
 from nahtlos.train import prediction_metadata
 
@@ -14,8 +15,14 @@ NORM_TYPES = {
     "instance": torch.nn.InstanceNorm2d,
     "instance_running": torch.nn.InstanceNorm2d,
     "group": torch.nn.GroupNorm,
+    "batchrenorm": BatchRenorm2d,
 }
-ALL_NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+ALL_NORMS = (
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+    BatchRenorm2d,
+)
 
 
 def _feature_norms(model):
@@ -33,9 +40,10 @@ def test_unet_with_each_norm(norm):
         assert layers == []
         return
     assert layers and all(type(m) is NORM_TYPES[norm] for m in layers)
-    if norm in ("batch", "instance_running"):
+    if norm in ("batch", "instance_running", "batchrenorm"):
         # the paper's momentum for every running average
-        assert all(m.momentum == 0.01 and m.track_running_stats for m in layers)
+        assert all(m.momentum == 0.01 for m in layers)
+        assert all(getattr(m, "track_running_stats", True) for m in layers)
     if norm == "group":
         assert all(m.num_groups == 8 for m in layers)
 
@@ -55,7 +63,7 @@ def test_unetr_small_2d_with_replaced_decoder_norm():
         2,
         1,
         3,
-        "batch",
+        "batchrenorm",
         img_size=(64, 64),
         feature_size=8,
         hidden_size=32,
@@ -65,7 +73,7 @@ def test_unetr_small_2d_with_replaced_decoder_norm():
     assert net(torch.rand(2, 1, 64, 64)).shape == (2, 3, 64, 64)
     kinds = {type(m) for m in _feature_norms(net)}
     # decoder norms replaced; the ViT keeps its LayerNorm (as in the paper)
-    assert torch.nn.BatchNorm2d in kinds and torch.nn.LayerNorm in kinds
+    assert BatchRenorm2d in kinds and torch.nn.LayerNorm in kinds
     assert torch.nn.InstanceNorm2d not in kinds
     assert unetr_halo((64, 96)) == (16, 16)
     with pytest.raises(ValueError, match="multiple of 16"):

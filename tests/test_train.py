@@ -17,6 +17,7 @@ from nahtlos.errors import ShapeMismatchError
 from nahtlos.intensity import InputNormalization
 from nahtlos.io import open_image
 from nahtlos.metrics import binarize, dice_per_channel
+from nahtlos.norms import BatchRenorm2d
 from nahtlos.predict import predict_blockwise, predict_whole
 from nahtlos.train import dice_loss, train, validate
 
@@ -131,7 +132,9 @@ def test_training_lowers_the_loss_and_writes_its_outputs(files, tmp_path):
 
 
 def test_resume_continues_exactly(files, tmp_path):
-    cfg = _config(files, tmp_path)
+    # BatchRenorm, the checkpoint (step 6) in the middle of the r_max/d_max ramp
+    cfg = _config(files, tmp_path, renorm={"warmup_steps": 3, "ramp_steps": 6})
+    cfg.model.norm = "batchrenorm"
     full = train(cfg, progress=False)
     with (tmp_path / "run" / "validation.csv").open() as f:
         val_full = list(csv.DictReader(f))
@@ -144,12 +147,49 @@ def test_resume_continues_exactly(files, tmp_path):
     with (tmp_path / "run" / "validation.csv").open() as f:
         assert list(csv.DictReader(f)) == val_full
     a = read_checkpoint(tmp_path / "run" / "model.pt")
-    assert a["step"] == 12
+    assert a["step"] == 12 and a["schedule"]["last_step"] == 11
     # extending a finished run continues from its last step
     longer = cfg.model_copy(deep=True)
     longer.train.steps = 14
     more = train(longer, resume=tmp_path / "run" / "model.pt", progress=False)
     assert more.start_step == 12 and len(more.losses) == 2
+
+
+def test_schedule_reaches_the_layers_per_optimizer_step(files, tmp_path, monkeypatch):
+    cfg = _config(
+        files,
+        tmp_path,
+        steps=8,
+        accumulate=3,
+        val_every=4,
+        renorm={"warmup_steps": 2, "ramp_steps": 4, "r_max": 2.5, "d_max": 4.0},
+    )
+    cfg.model.norm = "batchrenorm"
+    seen = []
+    original = BatchRenorm2d.forward
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():  # training passes, not validation
+            seen.append((self.r_max, self.d_max))
+        return original(self, x)
+
+    monkeypatch.setattr(BatchRenorm2d, "forward", forward)
+    train(cfg, progress=False)
+    layers = sum(
+        isinstance(m, BatchRenorm2d)
+        for m in load_model(tmp_path / "run" / "model.pt").module.modules()
+    )
+    assert layers > 0 and len(seen) == 8 * 3 * layers
+    # warm-up (plain BatchNorm), a linear ramp counted in optimizer steps, then the final
+    # values; every micro-batch of an optimizer step sees the same values
+    want = [(1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (1.375, 1.0), (1.75, 2.0), (2.125, 3.0)]
+    want += [(2.5, 4.0), (2.5, 4.0)]
+    for step, expected in enumerate(want):
+        values = seen[step * 3 * layers : (step + 1) * 3 * layers]
+        assert all(v == pytest.approx(expected) for v in values), (step, values)
+    with (tmp_path / "run" / "log.csv").open() as f:
+        logged = [(float(r["r_max"]), float(r["d_max"])) for r in csv.DictReader(f)]
+    np.testing.assert_allclose(logged, want)
 
 
 def test_validation_is_block_wise_and_leaves_the_model_alone(files, rng):
@@ -369,3 +409,27 @@ def test_unetr_and_3d_runs_predict_from_their_checkpoints(tmp_path, shape, model
     assert res.exit_code == 0, res.output
     pred = np.load(out)
     assert pred.shape == (3, *shape) and np.isfinite(pred).all()
+
+
+def test_convert_a_checkpoint_and_fine_tune_it(files, tmp_path):
+    cfg = _config(files, tmp_path, steps=3, val_every=100)
+    train(cfg, progress=False)
+    src, dst = tmp_path / "run" / "model.pt", tmp_path / "brn.pt"
+    result = runner.invoke(app, ["convert", str(src), str(dst), "--to", "batchrenorm"])
+    assert result.exit_code == 0, result.output
+    before, after = load_model(src), load_model(dst)
+    assert after.kind == "checkpoint" and after.metadata["norm"] == "batchrenorm"
+    assert any(isinstance(m, BatchRenorm2d) for m in after.module.modules())
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(after.module(x), before.module(x), rtol=0, atol=0)
+    tuned = train(
+        load_config(
+            None,
+            ["train.steps=2", f"out={tmp_path / 'tuned'}"],
+            base=read_checkpoint(dst)["config"],
+        ),
+        resume=dst,
+        progress=False,
+    )
+    assert tuned.start_step == 0 and len(tuned.losses) == 2

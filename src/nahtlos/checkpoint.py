@@ -54,6 +54,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "LoadedModel",
     "capture_rng_state",
+    "convert_checkpoint",
     "is_checkpoint",
     "load_model",
     "read_checkpoint",
@@ -312,3 +313,70 @@ def save_torchscript(
     finally:
         model.train(was_training)
     return Path(path)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str] | LoadedModel,
+    dst: str | os.PathLike[str],
+    to: str,
+    **kwargs: Any,
+) -> Path:
+    """Convert the norm layers of a project checkpoint and write a new checkpoint.
+
+    The network is rebuilt, converted with :func:`nahtlos.norms.convert_norms` (affine
+    parameters and, where both kinds have them, running statistics are kept) and saved
+    with ``model.norm`` set to ``to`` and updated prediction metadata. The new file is a
+    starting point for fine-tuning: its step is 0 and it has no optimizer or schedule
+    state, so ``nahtlos train --resume NEW.pt --set train.steps=N`` fine-tunes for N
+    steps with a fresh BatchRenorm schedule. It is used by ``nahtlos convert``.
+
+    Parameters
+    ----------
+    src
+        A checkpoint path, or one loaded with :func:`load_model`.
+    dst
+        Where to write the converted checkpoint.
+    to
+        Target norm name (:data:`nahtlos.norms.NORM_NAMES`).
+    **kwargs
+        Options of the new layers; the momentum defaults to the configuration's.
+    """
+    from .config import validate_config
+    from .norms import convert_norms
+    from .train import prediction_metadata
+
+    loaded = src if isinstance(src, LoadedModel) else load_model(src)
+    if loaded.kind != "checkpoint":
+        raise FormatError(f"{str(loaded.path)!r} is not a nahtlos checkpoint")
+    state = read_checkpoint(loaded.path)
+    config = validate_config(state["config"], f"in checkpoint {str(loaded.path)!r}")
+    if to in ("batch", "instance_running", "batchrenorm"):
+        kwargs.setdefault("momentum", config.model.momentum)
+    if to == "group" and config.model.groups is not None:
+        kwargs.setdefault("num_groups", config.model.groups)
+    module = convert_norms(loaded.module, to, ndim=config.model.ndim, **kwargs)
+    new = config.model_copy(deep=True)
+    new.model.norm = to
+    return save_checkpoint(
+        dst,
+        config=new.model_dump(mode="json"),
+        model=module,
+        prediction=prediction_metadata(new),
+        step=0,
+        sampler=state.get("sampler"),
+        rng=state["rng"],
+    )
+
+
+def _convert_loaded(loaded: Any, dst: Path, to: str, kwargs: dict[str, Any]) -> Path:
+    return convert_checkpoint(loaded, dst, to, **kwargs)
+
+
+def _register_converter() -> None:
+    # `nahtlos convert` dispatches on LoadedModel.kind through this registry
+    from .norms import FILE_CONVERTERS
+
+    FILE_CONVERTERS["checkpoint"] = _convert_loaded
+
+
+_register_converter()

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import NahtlosError
+from .norms import NORM_NAMES
 
 __all__ = [
     "ConfigError",
@@ -47,8 +48,7 @@ __all__ = [
 ]
 
 ARCHS = ("unet", "unetr")
-# The names of nahtlos.norms.NORM_NAMES; kept here so the config validates without torch.
-NORMS = ("batch", "instance", "instance_running", "batchrenorm", "group", "identity")
+NORMS = NORM_NAMES
 AXIS_NAMES = {2: "yx", 3: "zyx"}
 
 
@@ -138,7 +138,9 @@ class ModelConfig(_Section):
     in_channels: int = Field(default=1, ge=1)
     activation: Literal["sigmoid", "softmax"] = "sigmoid"
     momentum: float = Field(default=0.01, gt=0.0, le=1.0, description="of every running average")
-    groups: int = Field(default=8, ge=1, description="number of groups of the group norm")
+    groups: int | None = Field(
+        default=None, ge=1, description="groups of the group norm (default: per layer, ≤ 8)"
+    )
     # unet
     channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
     strides: list[int] = Field(default_factory=lambda: [2, 2])
@@ -177,7 +179,11 @@ class ModelConfig(_Section):
                 )
             if any(s < 1 for s in self.strides):
                 raise ValueError(f"strides {self.strides} must be positive")
-            if self.norm == "group" and any(c % self.groups for c in self.channels):
+            if (
+                self.norm == "group"
+                and self.groups is not None
+                and any(c % self.groups for c in self.channels)
+            ):
                 raise ValueError(
                     f"groups={self.groups} must divide every entry of channels {self.channels}"
                 )
@@ -186,7 +192,7 @@ class ModelConfig(_Section):
                 raise ValueError(
                     f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}"
                 )
-            if self.norm == "group" and self.feature_size % self.groups:
+            if self.norm == "group" and self.groups is not None and self.feature_size % self.groups:
                 raise ValueError(
                     f"groups={self.groups} must divide feature_size={self.feature_size}"
                 )

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .norms import monai_norm
+
 if TYPE_CHECKING:
     from .config import ModelConfig
 
@@ -34,34 +36,14 @@ ARCHS = ("unet", "unetr")
 UNETR_PATCH = 16
 
 
-def _norm_argument(norm: str, momentum: float, groups: int) -> Any:
+def _norm_argument(norm: str, momentum: float, groups: int | None) -> Any:
     """MONAI's ``norm=`` argument for a norm name, with the paper's momentum."""
-    try:
-        from .norms import monai_norm  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # TEMPORARY until nahtlos.norms lands on main
-        monai_norm = _monai_norm_fallback
-    arg = monai_norm(norm)
-    name, kwargs = (arg, {}) if isinstance(arg, str) else (arg[0], dict(arg[1]))
-    if not name:  # identity
-        return arg
+    kwargs: dict[str, Any] = {}
     if norm in ("batch", "instance_running", "batchrenorm"):
         kwargs["momentum"] = momentum
-    if norm == "group":
+    if norm == "group" and groups is not None:
         kwargs["num_groups"] = groups
-    return (name, kwargs)
-
-
-def _monai_norm_fallback(norm: str) -> Any:
-    table: dict[str, Any] = {
-        "batch": "batch",
-        "instance": "instance",
-        "instance_running": ("instance", {"track_running_stats": True}),
-        "group": "group",
-        "identity": "",
-    }
-    if norm not in table:
-        raise ValueError(f"norm {norm!r} is not available (yet)")
-    return table[norm]
+    return monai_norm(norm, **kwargs)
 
 
 def build_model(
@@ -72,7 +54,7 @@ def build_model(
     norm: str = "batchrenorm",
     *,
     momentum: float = 0.01,
-    groups: int = 8,
+    groups: int | None = None,
     channels: Sequence[int] = (32, 64, 128),
     strides: Sequence[int] = (2, 2),
     kernel_size: int = 3,
@@ -100,7 +82,8 @@ def build_model(
     momentum
         Momentum of every running average (0.01 in the paper).
     groups
-        Number of groups for ``group``.
+        Number of groups for ``group`` (it must divide every layer's channels); by
+        default the largest divisor of each layer's channels up to 8.
     channels, strides, kernel_size, num_res_units, dropout
         U-Net widths per level, down-sampling per step, kernel, residual units, dropout.
     img_size

@@ -341,7 +341,7 @@ def _seed_everything(seed: int) -> None:
 def _renorm_schedule(config: TrainingConfig) -> Any:
     if config.model.norm != "batchrenorm":
         return None
-    from .norms import RenormSchedule  # type: ignore[import-not-found,unused-ignore]
+    from .norms import RenormSchedule
 
     warm, ramp = config.train.warmup_and_ramp()
     r = config.train.renorm
