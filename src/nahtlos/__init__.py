@@ -14,10 +14,20 @@ from .errors import (
 from .geometry import Block, BlockGrid
 from .io import open_image
 from .predict import PredictionStats, predict_blockwise, predict_whole
+from .synth import (
+    SYNTHETIC_DATASETS,
+    SynthError,
+    SynthSample,
+    open_synthetic,
+    semantic_classes,
+    synthesize,
+    write_synthetic,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SYNTHETIC_DATASETS",
     "Block",
     "BlockGrid",
     "BlockShapeError",
@@ -28,8 +38,14 @@ __all__ = [
     "NahtlosWarning",
     "PredictionStats",
     "ShapeMismatchError",
+    "SynthError",
+    "SynthSample",
     "__version__",
     "open_image",
+    "open_synthetic",
     "predict_blockwise",
     "predict_whole",
+    "semantic_classes",
+    "synthesize",
+    "write_synthetic",
 ]
