@@ -435,7 +435,8 @@ class _Generator:
         # Labels are generated with a margin around the voxels needed, wide enough to
         # hold the whole path from any needed voxel to its object's anchor, so that the
         # connectivity clean-up decides alike in every block.
-        self.label_margin = tuple(math.ceil((self.max_extent + 3) / s) for s in self.scale)
+        # (+3 voxels: the anchor's rounding, and digital paths straying from straight lines)
+        self.label_margin = tuple(math.ceil(self.max_extent / s) + 3 for s in self.scale)
         # voxels generated around a block, per axis
         self.margin = tuple(
             b + 1 + m for b, m in zip(self.blur_halo, self.label_margin, strict=True)
@@ -673,7 +674,7 @@ class _Organoids(_Generator):
 
     def __init__(self, shape: tuple[int, ...], seed: int, anisotropy: float) -> None:
         self.r_cap = 1.3 * self.cell
-        self.max_extent = self.r_cap + self.warp_max
+        self.max_extent = self.r_cap + self.warp_max + 1  # as _cell_extents bounds it
         super().__init__(shape, seed, anisotropy)
 
     def _make_objects(self) -> _Objects:
