@@ -32,6 +32,15 @@ from .norms import (
     monai_norm,
 )
 from .predict import PredictionStats, predict_blockwise, predict_whole
+from .synth import (
+    SYNTHETIC_DATASETS,
+    SynthError,
+    SynthSample,
+    open_synthetic,
+    semantic_classes,
+    synthesize,
+    write_synthetic,
+)
 from .train import train
 
 __version__ = "0.1.0"
@@ -42,6 +51,7 @@ _install_monai_hook()
 
 __all__ = [
     "NORM_NAMES",
+    "SYNTHETIC_DATASETS",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -61,6 +71,8 @@ __all__ = [
     "PredictionStats",
     "RenormSchedule",
     "ShapeMismatchError",
+    "SynthError",
+    "SynthSample",
     "TileMismatch",
     "TrainEvalDisparity",
     "TrainingConfig",
@@ -74,9 +86,13 @@ __all__ = [
     "make_norm",
     "monai_norm",
     "open_image",
+    "open_synthetic",
     "predict_blockwise",
     "predict_whole",
+    "semantic_classes",
+    "synthesize",
     "tile_mismatch",
     "train",
     "train_eval_disparity",
+    "write_synthetic",
 ]
