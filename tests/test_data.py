@@ -216,3 +216,13 @@ def test_foreground_bias_finds_objects():
 def test_patch_larger_than_region_is_an_error():
     with pytest.raises(ShapeMismatchError, match=r"patch \(64, 16\).*\(48, 64\)"):
         PatchSampler([_marked_volume()], (64, 16))
+
+
+def test_volumes_are_drawn_in_proportion_to_their_size():
+    small = open_volume(np.zeros((16, 16), np.float32), np.zeros((16, 16), np.int32), 2)
+    big = open_volume(np.ones((48, 16), np.float32), np.zeros((48, 16), np.int32), 2)
+    for v in (small, big):
+        v.normalization = InputNormalization("none")
+    s = PatchSampler([small, big], (8, 8), seed=0)
+    share_big = np.mean([s.sample()[0].mean() for _ in range(400)])
+    assert 0.68 < share_big < 0.82  # 3/4 of the pixels are in the big volume

@@ -13,7 +13,7 @@ from nahtlos.checkpoint import is_checkpoint, load_model, read_checkpoint
 from nahtlos.cli import app
 from nahtlos.config import ConfigError, load_config, validate_config
 from nahtlos.data import instances_to_semantic, open_volume, split_volume
-from nahtlos.errors import ShapeMismatchError
+from nahtlos.errors import FormatError, ShapeMismatchError
 from nahtlos.intensity import InputNormalization
 from nahtlos.io import open_image
 from nahtlos.metrics import binarize, dice_per_channel
@@ -433,3 +433,19 @@ def test_convert_a_checkpoint_and_fine_tune_it(files, tmp_path):
         progress=False,
     )
     assert tuned.start_step == 0 and len(tuned.losses) == 2
+
+
+def test_channel_mismatch_and_torchscript_are_told_apart(files, tmp_path):
+    np.save(tmp_path / "rgb.npy", np.zeros((3, 96, 96), np.float32))
+    cfg = _config((str(tmp_path / "rgb.npy"), files[1]), tmp_path)
+    with pytest.raises(ShapeMismatchError, match=r"3 channels.*model.in_channels is 1"):
+        train(cfg, progress=False)
+    from nahtlos.checkpoint import save_torchscript
+
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    save_torchscript(net, tmp_path / "net.pt", example=torch.zeros(1, 1, 8, 8))
+    assert not is_checkpoint(tmp_path / "net.pt")
+    assert load_model(tmp_path / "net.pt").kind == "torchscript"
+    torch.save({"weights": net.state_dict()}, tmp_path / "plain.pt")
+    with pytest.raises(FormatError, match="not a nahtlos checkpoint"):
+        load_model(tmp_path / "plain.pt")

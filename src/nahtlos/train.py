@@ -404,6 +404,13 @@ def _plot_curves(out: Path, names: Sequence[str]) -> Path | None:
                     ax2.plot(vsteps, ys, style, color=f"C{i}", marker=".", label=f"{name} ({mode})")
             ax2.set_ylim(0, 1)
             ax2.legend(fontsize="small")
+    r_max = np.array([float(r["r_max"]) for r in rows])
+    if (r_max > 1).any():  # BatchRenorm: mark where the warm-up ends and the ramp ends
+        start = steps[np.argmax(r_max > 1)] - 1
+        end = steps[np.argmax(r_max >= r_max.max())]
+        for ax in (ax1, ax2):
+            ax.axvspan(start, end, color="0.9", zorder=0, label="r_max/d_max ramp")
+        ax1.legend()
     ax2.set_xlabel("optimizer step")
     ax2.set_ylabel("validation Dice")
     ax2.set_title("validation (block-wise; solid eval, dashed train mode)")
