@@ -715,14 +715,20 @@ class _ProbeMode(TorchDispatchMode):
             replacement = _FROZEN_BACKWARD.get(packet)
         if replacement is None and self.freeze_forward:
             replacement = _FROZEN_FORWARD.get(packet)
+        out = (
+            replacement(func, *args, **kwargs) if replacement is not None else func(*args, **kwargs)
+        )
         if self.track:
-            for a in tree_flatten((args, kwargs))[0]:
-                # requires_grad marks tensors computed from the probe input (parameters don't).
-                if isinstance(a, torch.Tensor) and a.requires_grad and a.dim() >= 3:
-                    self.shapes.append(tuple(int(s) for s in a.shape))
-        if replacement is not None:
-            return replacement(func, *args, **kwargs)
-        return func(*args, **kwargs)
+            # requires_grad marks tensors computed from the probe input (parameters don't);
+            # outputs count too, for results no later op consumes.
+            inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            derived = [a for a in inputs if a.requires_grad]
+            if derived:
+                outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+                for t in derived + outputs:
+                    if t.dim() >= 3:
+                        self.shapes.append(tuple(int(s) for s in t.shape))
+        return out
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
