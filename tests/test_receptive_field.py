@@ -592,5 +592,6 @@ def test_cli_predict_auto_is_exact_and_fits_memory(models, tmp_path):
         np.testing.assert_allclose(pred[...], reference, atol=1e-5)
         split = tuple(pred.chunks[1:]) != image.shape
         assert split == expect_split, pred.chunks
-    result = runner.invoke(app, [*args, "--max-memory", "1K", "--overwrite"])
+    explicit = ["--halo", "12", "--alignment", "4", "--overwrite"]
+    result = runner.invoke(app, [*args, *explicit, "--max-memory", "1K"])
     assert result.exit_code == 2 and "memory budget" in result.stderr

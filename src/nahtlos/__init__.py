@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .autoblock import AutoGeometry, auto_geometry, choose_block
 from .errors import (
     BlockShapeError,
     FormatError,
@@ -28,6 +29,14 @@ from .norms import (
     monai_norm,
 )
 from .predict import PredictionStats, predict_blockwise, predict_whole
+from .receptive_field import (
+    Culprit,
+    ReceptiveField,
+    ReceptiveFieldError,
+    plot_receptive_field,
+    receptive_field,
+    recommend_halo,
+)
 
 __version__ = "0.1.0"
 
@@ -37,12 +46,14 @@ _install_monai_hook()
 
 __all__ = [
     "NORM_NAMES",
+    "AutoGeometry",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
     "Block",
     "BlockGrid",
     "BlockShapeError",
+    "Culprit",
     "FormatError",
     "IncompleteOutputError",
     "InputNormalization",
@@ -51,18 +62,25 @@ __all__ = [
     "NahtlosWarning",
     "NormError",
     "PredictionStats",
+    "ReceptiveField",
+    "ReceptiveFieldError",
     "RenormSchedule",
     "ShapeMismatchError",
     "TileMismatch",
     "TrainEvalDisparity",
     "__version__",
+    "auto_geometry",
+    "choose_block",
     "convert_norms",
     "dice",
     "make_norm",
     "monai_norm",
     "open_image",
+    "plot_receptive_field",
     "predict_blockwise",
     "predict_whole",
+    "receptive_field",
+    "recommend_halo",
     "tile_mismatch",
     "train_eval_disparity",
 ]

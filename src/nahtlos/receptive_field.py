@@ -932,6 +932,7 @@ class _Prober:
         self._accepted: dict[tuple[int, ...], str | None] = {}
         self._culprits: tuple[Culprit, ...] | None = None
         self._leaves: dict[str, bool] | None = None
+        self._width: tuple[int, ...] | None = None
         self._layer_inputs: (
             list[tuple[str, torch.nn.Module, tuple[Any, ...], dict[str, Any]]] | None
         ) = None
@@ -969,7 +970,7 @@ class _Prober:
         return self._accepted[shape]
 
     def _find_base(self) -> tuple[int, ...]:
-        sizes = (64, 32, 96, 128, 48, 16) if self.ndim <= 2 else (32, 64, 48, 16, 96)
+        sizes = (32, 64, 16, 48, 96, 128) if self.ndim <= 2 else (16, 32, 48, 64, 96)
         errors = []
         for s in sizes:
             shape = (s,) * self.ndim
@@ -1052,9 +1053,26 @@ class _Prober:
     def thin_shape(self, axis: int, length: int) -> tuple[int, ...]:
         if self.fixed:
             return self.base
-        width = [_round_up(max(2 * p, 16), p) for p in self.downsampling]
+        width = list(self._thin_width())
         width[axis] = length
         return tuple(width)
+
+    def _thin_width(self) -> tuple[int, ...]:
+        """Width of the short axes of a thin probe: one alignment cell if the model takes it."""
+        if self._width is None:
+            self._width = tuple(_round_up(max(2 * p, 16), p) for p in self.downsampling)
+            for factor in (1, 2):
+                width = tuple(factor * p for p in self.downsampling)
+                long = list(width)
+                long[0] = self.start_length(0)
+                if self.accepts(tuple(long)) is None:
+                    self._width = width
+                    break
+        return self._width
+
+    def start_length(self, axis: int) -> int:
+        p = self.downsampling[axis]
+        return _round_up(max(8 * p, 64, self.base[axis]), p)
 
     # -- culprits -----------------------------------------------------------------------
 
@@ -1183,7 +1201,7 @@ class _Prober:
         what = "local TRF" if known_global else "TRF"
         self.bar.set_description(f"receptive field: {what} along {name}")
         p = self.downsampling[axis]
-        length = self.base[axis] if self.fixed else _round_up(max(4 * p, 32, self.base[axis]), p)
+        length = self.base[axis] if self.fixed else self.start_length(axis)
         previous: tuple[int, int] | None = None
         previous_whole = False
         while True:
@@ -1216,7 +1234,8 @@ class _Prober:
                     f"{shape}; give a larger shape"
                 )
             # Whole at two sizes: the TRF grows with the tile.
-            if whole and previous_whole and (known_global or self.leaf_culprits()):
+            # (The statistics-frozen pass has no such shortcut: it may be local but large.)
+            if whole and previous_whole and not known_global and self.leaf_culprits():
                 return None
             if math.prod(self.thin_shape(axis, 2 * length)) > self.max_voxels:
                 if whole or known_global or self.leaf_culprits():
@@ -1478,7 +1497,11 @@ def receptive_field(
         elif prober.fixed:
             e_shape = prober.base
         elif reach_before is not None and reach_after is not None:
-            e_shape = prober.full_shape(reach_before, reach_after)
+            # The centre voxel with its whole TRF: the ERF's mass is all inside.
+            e_shape = tuple(
+                _round_up(2 * max(b, a) + 2, p)
+                for b, a, p in zip(reach_before, reach_after, prober.downsampling, strict=True)
+            )
         else:
             default = 128 if ndim <= 2 else 64
             e_shape = tuple(_round_up(max(default, 4 * p), p) for p in prober.downsampling)
