@@ -273,7 +273,7 @@ def test_3d_unet_and_torchscript_agree(tmp_path):
 
     rf_ts = receptive_field(load_model(path), 3)
     assert rf.trf_before == rf_ts.trf_before and rf.trf_after == rf_ts.trf_after
-    assert rf.alignment == rf_ts.alignment == (4, 4, 4)
+    assert rf.alignment == rf_ts.alignment == (4, 4, 4) and rf.verified
     image = np.random.default_rng(3).random((20, 26, 17), dtype=np.float32)
     assert_blockwise_equal(net, image, [(8, 12, 8)], recommend_halo(rf), rf.alignment)
 

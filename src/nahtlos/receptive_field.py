@@ -1343,11 +1343,15 @@ def _erf(
     device: torch.device,
     samples: int,
     seed: int,
-    freeze: bool = False,
-) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Mean |gradient| of the centre output voxel; ``freeze``: tile statistics held constant."""
+    frozen: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, ...]]:
+    """Mean |gradient| of the centre output voxel over random inputs.
+
+    With ``frozen``, also the map with the per-tile statistics held constant (a second
+    backward pass through the same forward pass).
+    """
     mode = _ProbeMode(ndim, dense=False)
-    mode.freeze_backward = freeze
+    mode.freeze_backward = True
     dtype = torch.float32
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
@@ -1356,17 +1360,22 @@ def _erf(
     center = tuple(s // 2 for s in shape)
     gen = torch.Generator().manual_seed(seed)
     acc = torch.zeros(shape, dtype=torch.float64)
+    acc_frozen = torch.zeros(shape, dtype=torch.float64)
+    key: tuple[Any, ...] = (0, slice(None), *center)
     with _eval_mode(model), torch.enable_grad():
         for _ in range(samples):
             x = torch.randn((1, in_channels, *shape), generator=gen).to(device, dtype)
             x.requires_grad_(True)
-            y = _forward(model, x)
+            out = _forward(model, x)[key].sum()
             # inputs=[x] only: the model's own .grad fields stay untouched.
-            key: tuple[Any, ...] = (0, slice(None), *center)
-            with mode:
-                (g,) = torch.autograd.grad(y[key].sum(), [x])
+            (g,) = torch.autograd.grad(out, [x], retain_graph=frozen)
             acc += g.detach().abs().sum(dim=1)[0].to("cpu", torch.float64)
-    return (acc / samples).numpy(), center
+            if frozen:
+                with mode:
+                    (g,) = torch.autograd.grad(out, [x])
+                acc_frozen += g.detach().abs().sum(dim=1)[0].to("cpu", torch.float64)
+    plain = (acc / samples).numpy()
+    return plain, (acc_frozen / samples).numpy() if frozen else None, center
 
 
 def receptive_field(
@@ -1506,12 +1515,9 @@ def receptive_field(
             default = 128 if ndim <= 2 else 64
             e_shape = tuple(_round_up(max(default, 4 * p), p) for p in prober.downsampling)
         erf_dev = next((t.device for t in list(module.parameters()) + list(module.buffers())), dev)
-        erf, center = _erf(module, ndim, in_channels, e_shape, erf_dev, erf_samples, seed)
-        erf_local = None
-        if tile_dependent:
-            erf_local, _ = _erf(
-                module, ndim, in_channels, e_shape, erf_dev, erf_samples, seed, freeze=True
-            )
+        erf, erf_local, center = _erf(
+            module, ndim, in_channels, e_shape, erf_dev, erf_samples, seed, frozen=tile_dependent
+        )
         bar.update(1)
     finally:
         bar.close()
