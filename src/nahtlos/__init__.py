@@ -37,6 +37,15 @@ from .receptive_field import (
     receptive_field,
     recommend_halo,
 )
+from .synth import (
+    SYNTHETIC_DATASETS,
+    SynthError,
+    SynthSample,
+    open_synthetic,
+    semantic_classes,
+    synthesize,
+    write_synthetic,
+)
 
 __version__ = "0.1.0"
 
@@ -46,6 +55,7 @@ _install_monai_hook()
 
 __all__ = [
     "NORM_NAMES",
+    "SYNTHETIC_DATASETS",
     "AutoGeometry",
     "BatchRenorm1d",
     "BatchRenorm2d",
@@ -66,6 +76,8 @@ __all__ = [
     "ReceptiveFieldError",
     "RenormSchedule",
     "ShapeMismatchError",
+    "SynthError",
+    "SynthSample",
     "TileMismatch",
     "TrainEvalDisparity",
     "__version__",
@@ -76,11 +88,15 @@ __all__ = [
     "make_norm",
     "monai_norm",
     "open_image",
+    "open_synthetic",
     "plot_receptive_field",
     "predict_blockwise",
     "predict_whole",
     "receptive_field",
     "recommend_halo",
+    "semantic_classes",
+    "synthesize",
     "tile_mismatch",
     "train_eval_disparity",
+    "write_synthetic",
 ]
