@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .autoblock import AutoGeometry, auto_geometry, choose_block
 from .checkpoint import LoadedModel, load_model
 from .config import ConfigError, TrainingConfig, load_config
 from .data import PatchSampler, instances_to_semantic
@@ -32,6 +33,14 @@ from .norms import (
     monai_norm,
 )
 from .predict import PredictionStats, predict_blockwise, predict_whole
+from .receptive_field import (
+    Culprit,
+    ReceptiveField,
+    ReceptiveFieldError,
+    plot_receptive_field,
+    receptive_field,
+    recommend_halo,
+)
 from .synth import (
     SYNTHETIC_DATASETS,
     SynthError,
@@ -52,6 +61,7 @@ _install_monai_hook()
 __all__ = [
     "NORM_NAMES",
     "SYNTHETIC_DATASETS",
+    "AutoGeometry",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -59,6 +69,7 @@ __all__ = [
     "BlockGrid",
     "BlockShapeError",
     "ConfigError",
+    "Culprit",
     "FormatError",
     "IncompleteOutputError",
     "InputNormalization",
@@ -69,6 +80,8 @@ __all__ = [
     "NormError",
     "PatchSampler",
     "PredictionStats",
+    "ReceptiveField",
+    "ReceptiveFieldError",
     "RenormSchedule",
     "ShapeMismatchError",
     "SynthError",
@@ -77,7 +90,9 @@ __all__ = [
     "TrainEvalDisparity",
     "TrainingConfig",
     "__version__",
+    "auto_geometry",
     "build_model",
+    "choose_block",
     "convert_norms",
     "dice",
     "instances_to_semantic",
@@ -87,8 +102,11 @@ __all__ = [
     "monai_norm",
     "open_image",
     "open_synthetic",
+    "plot_receptive_field",
     "predict_blockwise",
     "predict_whole",
+    "receptive_field",
+    "recommend_halo",
     "semantic_classes",
     "synthesize",
     "tile_mismatch",
