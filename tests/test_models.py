@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
 
 from nahtlos.config import validate_config
-from nahtlos.models import build_model, model_alignment, unet_receptive_radius, unetr_halo
+from nahtlos.models import build_model, model_alignment, unetr_halo
 from nahtlos.norms import BatchRenorm2d
+from nahtlos.receptive_field import receptive_field
 from nahtlos.testing import assert_blockwise_equal
 from nahtlos.train import prediction_metadata
 
@@ -87,6 +90,37 @@ def test_unknown_names_are_errors():
         build_model("unet", 2, 1, 3, "batch", channels=(8, 16), strides=(2, 2))
 
 
+def _analytic_unet_radius(
+    strides: Sequence[int], kernel_size: int = 3, num_res_units: int = 0
+) -> int:
+    """Theoretical receptive-field radius (input pixels, per side) of a MONAI ``UNet``, by hand.
+
+    Exact, by construction of MONAI's U-Net: with same-size padding ``p = k // 2``,
+    a stride-1 convolution at a level whose pixels are ``J`` input pixels apart reaches
+    ``p * J``; a strided convolution or transposed convolution between levels ``J``
+    and ``s * J`` reaches ``p * J`` (the finer side), and the coarse pixel ``q`` sits
+    exactly on fine pixel ``s * q``, so no grid offset adds to it. The deepest path
+    (all down-sampling layers, the bottom, all up-sampling layers) is the longest;
+    skip connections only add shorter paths; residual projections never reach
+    further than the convolutions beside them. A down layer is one strided
+    convolution (``num_res_units = 0``) or a residual unit of ``num_res_units``
+    convolutions, the first strided; the bottom is one convolution or a unit of
+    ``num_res_units``; an up layer is a transposed convolution, followed by a one-
+    convolution residual unit when ``num_res_units > 0``.
+    """
+    p = kernel_size // 2
+    jumps = [1]
+    for s in strides:
+        jumps.append(jumps[-1] * int(s))
+    radius = 0
+    for level in range(len(strides)):
+        fine, coarse = jumps[level], jumps[level + 1]
+        radius += p * fine + max(num_res_units - 1, 0) * p * coarse  # down
+        radius += p * fine + (p * fine if num_res_units > 0 else 0)  # up
+    radius += max(num_res_units, 1) * p * jumps[-1]  # bottom
+    return radius
+
+
 def _measured_trf_radius(net, ndim, align, n=96):
     """Largest distance from an output pixel to an input pixel in its computation graph.
 
@@ -113,7 +147,7 @@ def _measured_trf_radius(net, ndim, align, n=96):
 @pytest.mark.parametrize(
     ("strides", "res"), [((2, 2), 0), ((2, 2), 2), ((2, 2, 2), 1), ((3, 2), 0), ((2,), 3)]
 )
-def test_unet_receptive_radius_matches_gradient_support(strides, res):
+def test_unet_halo_rule_matches_gradient_support_and_receptive_field(strides, res):
     torch.manual_seed(0)
     net = build_model(
         "unet",
@@ -125,7 +159,8 @@ def test_unet_receptive_radius_matches_gradient_support(strides, res):
         strides=strides,
         num_res_units=res,
     )
-    want = unet_receptive_radius(strides, 3, res)
+    want = _analytic_unet_radius(strides, 3, res)
+    assert receptive_field(net, 2, 1).trf_radius == (want, want)
     align = int(np.prod(strides))
     n = -(-(2 * want + 2 * align) // align) * align
     assert _measured_trf_radius(net, 2, align, n=n) == want

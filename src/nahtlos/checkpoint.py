@@ -361,7 +361,7 @@ def convert_checkpoint(
         dst,
         config=new.model_dump(mode="json"),
         model=module,
-        prediction=prediction_metadata(new),
+        prediction=prediction_metadata(new, module),
         step=0,
         sampler=state.get("sampler"),
         rng=state["rng"],

@@ -27,7 +27,6 @@ __all__ = [
     "build_model",
     "model_alignment",
     "model_from_config",
-    "unet_receptive_radius",
     "unetr_halo",
 ]
 
@@ -176,37 +175,6 @@ def model_from_config(
 def model_alignment(arch: str, strides: Sequence[int] = (2, 2)) -> int:
     """Total down-sampling factor: block origins and halos must be multiples of it."""
     return math.prod(strides) if arch == "unet" else UNETR_PATCH
-
-
-def unet_receptive_radius(
-    strides: Sequence[int], kernel_size: int = 3, num_res_units: int = 0
-) -> int:
-    """Theoretical receptive-field radius (input pixels, per side) of a MONAI ``UNet``.
-
-    Exact, by construction of MONAI's U-Net: with same-size padding ``p = k // 2``,
-    a stride-1 convolution at a level whose pixels are ``J`` input pixels apart reaches
-    ``p * J``; a strided convolution or transposed convolution between levels ``J``
-    and ``s * J`` reaches ``p * J`` (the finer side), and the coarse pixel ``q`` sits
-    exactly on fine pixel ``s * q``, so no grid offset adds to it. The deepest path
-    (all down-sampling layers, the bottom, all up-sampling layers) is the longest;
-    skip connections only add shorter paths; residual projections never reach
-    further than the convolutions beside them. A down layer is one strided
-    convolution (``num_res_units = 0``) or a residual unit of ``num_res_units``
-    convolutions, the first strided; the bottom is one convolution or a unit of
-    ``num_res_units``; an up layer is a transposed convolution, followed by a one-
-    convolution residual unit when ``num_res_units > 0``.
-    """
-    p = kernel_size // 2
-    jumps = [1]
-    for s in strides:
-        jumps.append(jumps[-1] * int(s))
-    radius = 0
-    for level in range(len(strides)):
-        fine, coarse = jumps[level], jumps[level + 1]
-        radius += p * fine + max(num_res_units - 1, 0) * p * coarse  # down
-        radius += p * fine + (p * fine if num_res_units > 0 else 0)  # up
-    radius += max(num_res_units, 1) * p * jumps[-1]  # bottom
-    return radius
 
 
 def unetr_halo(img_size: Sequence[int]) -> tuple[int, ...]:

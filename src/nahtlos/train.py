@@ -53,7 +53,7 @@ from .data import (
 from .errors import ShapeMismatchError
 from .intensity import InputNormalization
 from .metrics import activation_function, measuring_mode, preserved_state
-from .models import model_alignment, model_from_config, unet_receptive_radius, unetr_halo
+from .models import model_alignment, model_from_config, unetr_halo
 from .predict import predict_blockwise, resolve_device
 
 __all__ = [
@@ -108,26 +108,46 @@ def class_names(config: TrainingConfig) -> tuple[str, ...]:
     return tuple(f"class{i}" for i in range(config.out_channels))
 
 
-def prediction_metadata(config: TrainingConfig) -> dict[str, Any]:
+def prediction_metadata(
+    config: TrainingConfig, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
     """What prediction needs to know about a trained network (stored in checkpoints).
 
-    The halo of a U-Net is its theoretical receptive field radius, computed exactly
-    from the architecture (:func:`~nahtlos.models.unet_receptive_radius`) and rounded
-    up to the alignment. A UNETR (global attention) is tile-dependent; its window is
-    fixed to the training patch and the halo crops a quarter of it per side.
+    For a U-Net, the halo, alignment and tile dependence are measured on the network
+    (:func:`~nahtlos.receptive_field.receptive_field`, :func:`recommend_halo`): the
+    theoretical receptive-field radius rounded up to the alignment (10 -> 12 for the
+    paper's U-Net), or for tile-dependent norms the radius holding 99% of the effective
+    receptive field. A UNETR (global attention) is tile-dependent and its window is fixed
+    to the training patch; its halo crops a quarter of the window on each side
+    (:func:`~nahtlos.models.unetr_halo`), since its effective receptive field spans the
+    whole window. Tile-wise input normalization makes any network tile-dependent.
+
+    Parameters
+    ----------
+    config
+        The configuration.
+    model
+        The network (built from ``config`` if not given); it is not changed.
     """
     m = config.model
     nd = m.ndim
     assert config.data.patch is not None
     patch = tuple(config.data.patch)
-    align = model_alignment(m.arch, m.strides)
     window: tuple[int, ...] | None = None
     if m.arch == "unet":
-        radius = unet_receptive_radius(m.strides, m.kernel_size, m.num_res_units)
-        halo = (-(-radius // align) * align,) * nd
+        from .receptive_field import receptive_field, recommend_halo
+
+        net = model if model is not None else model_from_config(m, config.out_channels, patch)
+        with torch.random.fork_rng(devices=[]):  # probing must not move the training RNG
+            rf = receptive_field(net, nd, m.in_channels)
+        halo = tuple(recommend_halo(rf, warn=False))
+        align = tuple(rf.alignment)
+        tile_dependent = rf.tile_dependent
         block = tuple(config.train.val_block or patch)
     else:
         halo = unetr_halo(patch)
+        align = (model_alignment(m.arch),) * nd
+        tile_dependent = True
         window = patch
         block = tuple(p - 2 * h for p, h in zip(patch, halo, strict=True))
     norm = config.data.input_norm
@@ -140,7 +160,7 @@ def prediction_metadata(config: TrainingConfig) -> dict[str, Any]:
         "classes": list(class_names(config)),
         "activation": m.activation,
         "halo": list(halo),
-        "alignment": [align] * nd,
+        "alignment": list(align),
         "block": list(block),
         "window": None if window is None else list(window),
         "input_normalization": InputNormalization(
@@ -148,9 +168,7 @@ def prediction_metadata(config: TrainingConfig) -> dict[str, Any]:
         ).to_dict(),
         # Tile-wise statistics (instance/group norm, tile-wise input scaling, attention)
         # make every output depend on the whole window: no halo stitches them exactly.
-        "tile_dependent": m.arch == "unetr"
-        or m.norm in ("instance", "group")
-        or norm.mode == "tilewise",
+        "tile_dependent": bool(tile_dependent or norm.mode == "tilewise"),
     }
 
 
