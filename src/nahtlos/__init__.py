@@ -50,7 +50,6 @@ from .synth import (
     synthesize,
     write_synthetic,
 )
-from .train import train
 
 __version__ = "0.1.0"
 
@@ -110,7 +109,6 @@ __all__ = [
     "semantic_classes",
     "synthesize",
     "tile_mismatch",
-    "train",
     "train_eval_disparity",
     "write_synthetic",
 ]

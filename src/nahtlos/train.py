@@ -137,8 +137,8 @@ def prediction_metadata(
     if m.arch == "unet":
         from .receptive_field import receptive_field, recommend_halo
 
-        net = model if model is not None else model_from_config(m, config.out_channels, patch)
-        with torch.random.fork_rng(devices=[]):  # probing must not move the training RNG
+        with torch.random.fork_rng(devices=[]):  # must not move the training RNG
+            net = model if model is not None else model_from_config(m, config.out_channels, patch)
             rf = receptive_field(net, nd, m.in_channels)
         halo = tuple(recommend_halo(rf, warn=False))
         align = tuple(rf.alignment)
@@ -493,11 +493,9 @@ def train(
         flips=config.data.flips,
         seed=cfg_t.seed,
     )
-    meta = prediction_metadata(config)
-    model = model_from_config(
-        config.model, config.out_channels, meta["window"] or config.data.patch
-    )
+    model = model_from_config(config.model, config.out_channels, config.data.patch)
     model.to(device)
+    meta = prediction_metadata(config, model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg_t.lr)
     schedule = _renorm_schedule(config)
     start = 0
