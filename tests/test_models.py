@@ -173,9 +173,9 @@ def test_checkpoint_halo_makes_stitching_exact(rng):
             "model": {"ndim": 2, "norm": "batch", "channels": [4, 8, 8], "num_res_units": 1},
         }
     )
-    rng = torch.get_rng_state()
+    torch_rng = torch.get_rng_state()
     meta = prediction_metadata(cfg)  # builds and probes a network ...
-    assert torch.equal(rng, torch.get_rng_state())  # ... without moving the training RNG
+    assert torch.equal(torch_rng, torch.get_rng_state())  # ... without moving the training RNG
     assert meta["halo"] == [16, 16] and meta["alignment"] == [4, 4]  # radius 13 -> 16
     assert not meta["tile_dependent"]
     torch.manual_seed(1)
