@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .diagnose import DiagnosisReport, diagnose
 from .errors import (
     BlockShapeError,
     FormatError,
@@ -23,6 +24,7 @@ __all__ = [
     "Block",
     "BlockGrid",
     "BlockShapeError",
+    "DiagnosisReport",
     "FormatError",
     "IncompleteOutputError",
     "InputNormalization",
@@ -34,6 +36,7 @@ __all__ = [
     "TileMismatch",
     "TrainEvalDisparity",
     "__version__",
+    "diagnose",
     "dice",
     "open_image",
     "predict_blockwise",
