@@ -530,6 +530,7 @@ def diagnose(
     tolerance: float = 1e-5,
     erf_mass: float = 0.99,
     receptive_field: bool = True,
+    make_figures: bool = True,
     region: Sequence[slice] | None = None,
     max_voxels: int = 2**24,
     sweep_budget: float = 12.0,
@@ -585,6 +586,8 @@ def diagnose(
         ERF mass for the halo of tile-dependent models.
     receptive_field
         Measure the receptive field (needed for the halo unless given or known).
+    make_figures
+        Draw the figures (the numbers alone are much faster to get).
     region, max_voxels
         The region diagnosed (a slice per spatial axis); by default the whole image
         when it has at most ``max_voxels`` voxels, else its central part.
@@ -845,24 +848,26 @@ def diagnose(
                 channel_names=names_c,
                 tolerance=tolerance,
             )
-            figures = _figures(
-                arr=arr,
-                whole=whole,
-                tiled=tiled,
-                seam=seam,
-                train=train_pred,
-                grid=grid,
-                worst_block=worst_block,
-                worst=worst,
-                rf=rf,
-                sweep=sweep,
-                names=names,
-                channel_names=names_c,
-                threshold=threshold,
-                tolerance=tolerance,
-                whole_dice=None if dice_scores is None else dice_scores["whole"],
-                erf_mass=erf_mass,
-            )
+            figures = {}
+            if make_figures:
+                figures = _figures(
+                    arr=arr,
+                    whole=whole,
+                    tiled=tiled,
+                    seam=seam,
+                    train=train_pred,
+                    grid=grid,
+                    worst_block=worst_block,
+                    worst=worst,
+                    rf=rf,
+                    sweep=sweep,
+                    names=names,
+                    channel_names=names_c,
+                    threshold=threshold,
+                    tolerance=tolerance,
+                    whole_dice=None if dice_scores is None else dice_scores["whole"],
+                    erf_mass=erf_mass,
+                )
             step(_STEPS[7], t)
     finally:
         bar.close()

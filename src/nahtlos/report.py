@@ -175,6 +175,18 @@ class DisparityView:
     threshold: float
 
 
+# Large enough to read when the HTML page scales a figure to its width.
+_STYLE: dict[Any, Any] = {
+    "font.size": 12,
+    "axes.titlesize": 13,
+    "axes.labelsize": 12,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+    "figure.titlesize": 14,
+}
+
+
 def _new_figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -190,7 +202,21 @@ def _png(fig: Any, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def _panel_size(shape: tuple[int, ...], n: int, width: float = 17.0) -> tuple[float, float]:
+def _styled(draw: Any) -> Any:
+    """Run a figure function under the report's font sizes."""
+    import functools
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context(_STYLE):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
+def _panel_size(shape: tuple[int, ...], n: int, width: float = 15.0) -> tuple[float, float]:
     h, w = shape
     panel_w = width / n
     return width, max(2.6, min(7.5, panel_w * h / max(w, 1) + 1.3))
@@ -204,6 +230,7 @@ def _intensity_range(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
+@_styled
 def seam_figure(view: SeamView) -> bytes:
     """Input with tile borders, whole-image and tiled predictions, and the seam map (PNG)."""
     from matplotlib.colors import LogNorm
@@ -243,6 +270,7 @@ def seam_figure(view: SeamView) -> bytes:
     return _png(fig)
 
 
+@_styled
 def disparity_figure(view: DisparityView) -> bytes:
     """Input, train-mode and eval-mode predictions of one tile, and their difference (PNG)."""
     width, height = _panel_size(view.train.shape, 4)
@@ -269,6 +297,7 @@ def disparity_figure(view: DisparityView) -> bytes:
     return _png(fig)
 
 
+@_styled
 def sweep_figure(
     sweep: Sequence[Mapping[str, Any]],
     channel_names: Sequence[str],
