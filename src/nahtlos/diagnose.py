@@ -481,23 +481,55 @@ def _sweep_sizes(
     return kept
 
 
+def _splits_with_valid_overlap(w: int, h: int, a: int) -> bool:
+    """Whether :func:`~nahtlos.metrics.tile_mismatch` can split a window of length ``w``."""
+    v = max(a, w // 4)  # its default overlap
+    length = _round_up((w + v + 1) // 2 + h, a)
+    return w % a == 0 and length < w and length - h > w - length + h
+
+
 def _mismatch_window(
     spatial: tuple[int, ...],
     window: tuple[int, ...],
     halo: tuple[int, ...],
     alignment: tuple[int, ...],
 ) -> tuple[tuple[int, ...], int]:
-    """A tile-mismatch window that fits the image, and the axis to split it along."""
-    fit = tuple(
-        max(a, min(w, (n // a) * a)) for w, n, a in zip(window, spatial, alignment, strict=True)
-    )
-    axis = max(range(len(fit)), key=lambda i: (fit[i], i))
-    h, a = halo[axis], alignment[axis]
-    need = _round_up(4 * h + 2 * a + max(a, fit[axis] // 4), a)
-    if fit[axis] < need:
-        longest = (spatial[axis] // a) * a
-        fit = tuple(longest if i == axis else w for i, w in enumerate(fit))
-    return fit, axis
+    """A tile-mismatch window that fits the image, and the axis to split it along.
+
+    The window is split along the image's longest axis; it grows from ``window`` until
+    both sub-tiles keep a valid overlap after a halo is cut from each of their borders.
+
+    Raises
+    ------
+    BlockShapeError
+        If the image is too small for that with this halo.
+    """
+    names = axis_names(len(spatial))
+    axis = max(range(len(spatial)), key=lambda i: (spatial[i], i))
+    fit = []
+    for i, (w, n, h, a) in enumerate(zip(window, spatial, halo, alignment, strict=True)):
+        room = (n // a) * a
+        w = min(max(w, _round_up(2 * h + 1, a)), room)
+        if i == axis:
+            while w < room and not _splits_with_valid_overlap(w, h, a):
+                w += a
+            ok = _splits_with_valid_overlap(w, h, a)
+            need = next(
+                (x for x in range(a, 64 * (h + a), a) if _splits_with_valid_overlap(x, h, a)),
+                4 * h,
+            )
+        else:
+            ok = w > 2 * h
+            need = 2 * h + 1
+        if not ok:
+            raise BlockShapeError(
+                f"the image region of shape {spatial} is too small to measure tile mismatch with "
+                f"halo {halo}: it needs at least {need} voxels along axis {names[i]} (two "
+                "overlapping tiles that keep a valid overlap once a halo is cut from their "
+                "borders); diagnose a larger region or give a smaller halo"
+            )
+        fit.append(w)
+    return tuple(fit), axis
 
 
 def _slice_2d(
@@ -533,7 +565,7 @@ def diagnose(
     make_figures: bool = True,
     region: Sequence[slice] | None = None,
     max_voxels: int = 2**24,
-    sweep_budget: float = 12.0,
+    sweep_budget: float = 16.0,
     device: str | torch.device | None = None,
     progress: bool = True,
     image_source: str | None = None,
@@ -654,10 +686,11 @@ def diagnose(
     bar = tqdm(total=len(_STEPS), desc="diagnose", unit="step", disable=not progress)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-    def step(name: str, began: float) -> float:
+    def step(name: str, began: float, tick: bool = True) -> float:
         now = time.perf_counter()
         timings[name] = round(now - began, 3)
-        bar.update(1)
+        if tick:
+            bar.update(1)
         return now
 
     try:
@@ -812,7 +845,7 @@ def diagnose(
             sizes = (
                 sorted({int(s) for s in tile_sizes})
                 if tile_sizes is not None
-                else _sweep_sizes(shape, halo_t, align_t, max_cost=6.0, max_total=sweep_budget)
+                else _sweep_sizes(shape, halo_t, align_t, max_cost=8.0, max_total=sweep_budget)
             )
             sweep = _sweep(
                 module,
@@ -827,8 +860,11 @@ def diagnose(
                 transform,
                 act,
                 threshold,
+                # one tick per tile size: the sweep is the longest step
+                on_start=lambda n: setattr(bar, "total", len(_STEPS) + n - 1),
+                on_point=lambda: bar.update(1),
             )
-            t = step(_STEPS[6], t)
+            t = step(_STEPS[6], t, tick=False)
 
             # 8. figures and verdict
             bar.set_postfix_str(_STEPS[7])
@@ -1019,6 +1055,8 @@ def _sweep(
     transform: Callable[[np.ndarray], np.ndarray] | None,
     act: Callable[[torch.Tensor], torch.Tensor] | None,
     threshold: float,
+    on_start: Callable[[int], Any] | None = None,
+    on_point: Callable[[], Any] | None = None,
 ) -> list[SweepPoint]:
     shape = grid.shape
     plans: dict[tuple[int, ...], int] = {}
@@ -1029,6 +1067,8 @@ def _sweep(
         plans.setdefault(g.block, s)
     plans.setdefault(grid.block, max(grid.block))  # the diagnosed tile, already predicted
     points = []
+    if on_start is not None:
+        on_start(len(plans))
     for block, size in sorted(plans.items(), key=lambda kv: (kv[1], kv[0])):
         g = BlockGrid(shape, block, grid.halo, grid.alignment)
         t0 = time.perf_counter()
@@ -1067,6 +1107,8 @@ def _sweep(
                 seconds=round(time.perf_counter() - t0, 3),
             )
         )
+        if on_point is not None:
+            on_point()
     return points
 
 
@@ -1135,16 +1177,11 @@ def _verdict(
             f"{per_channel(mismatch.per_channel)}); the stitched prediction differs from the "
             f"whole-image prediction by up to {seam['max_difference']:.2g}."
         )
-        culprit_text = ""
-        if rf is not None and rf.culprits:
-            types = sorted({c.type for c in rf.culprits})
-            culprit_text = f" ({len(rf.culprits)} layers: {', '.join(types)})"
-        if tile_dependent and (tilewise or culprit_text):
-            described = _describe_layers(tilewise) if tilewise else culprit_text.strip(" ()")
+        if tile_dependent and tilewise:
             cause = "normalization with the statistics of each tile"
             findings.append(
-                f"The cause is {cause}: {described}{culprit_text if tilewise else ''}. Every "
-                "output pixel depends on the whole tile, so no halo can make stitching exact."
+                f"The cause is {cause}: {_describe_layers(tilewise)}. Every output pixel "
+                "depends on the whole tile, so no halo can make stitching exact."
             )
             to_convert = list(tilewise)
             if _global_norm_stats_available():
@@ -1167,9 +1204,10 @@ def _verdict(
                 )
         elif tile_dependent:
             cause = "layers that mix the whole tile"
+            culprits = ", ".join(f"{c.name} ({c.type})" for c in rf.culprits[:6]) if rf else ""
             findings.append(
                 "The prediction of every pixel depends on the whole tile"
-                + (f": {rf.reason()}." if rf is not None else ".")
+                + (f", through {culprits}." if culprits else ".")
             )
             actions.append(
                 "Replace the layers that see the whole tile (e.g. global attention, tile-wise "
