@@ -384,7 +384,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
         if value == 0:
             return "0"
         if abs(value) < 1e-3 or abs(value) >= 1e5:
-            return f"{value:.2e}"
+            return f"{value:.2g}"
         return f"{value:.{digits}g}"
     if isinstance(value, list | tuple):
         return (
@@ -393,6 +393,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
             else (", ".join(_fmt(v) for v in value))
         )
     return str(value)
+
+
+def _fmt_axes(values: Sequence[int] | None) -> str:
+    """Per-axis values (halo, alignment, radii): one number if equal, else ``Z 4, Y 8, X 8``."""
+    if values is None:
+        return "–"
+    if len(set(values)) == 1:
+        return f"{values[0]} (every axis)"
+    names = ("Z", "Y", "X")[3 - len(values) :]
+    return ", ".join(f"{n} {v}" for n, v in zip(names, values, strict=True))
+
+
+_PER_AXIS = ("halo", "alignment")
 
 
 def _mean(values: Sequence[float | None] | None) -> float | None:
@@ -428,26 +441,31 @@ def _key_numbers(data: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     rf = data.get("receptive_field")
     s = data["settings"]
     if rf is not None:
-        trf = "whole tile" if rf["trf_radius"] is None else _fmt(rf["trf_radius"])
+        trf = "whole tile" if rf["trf_radius"] is None else _fmt_axes(rf["trf_radius"])
         rows.append(("Receptive field (TRF radius)", trf, "pixels that can influence an output"))
         rows.append(
             (
                 "Effective receptive field",
-                _fmt(rf["erf_radius"]),
-                "radius holding 99% of the influence",
+                _fmt_axes(rf["erf_radius"]),
+                f"radius holding {100 * float(rf.get('erf_mass', 0.99)):g}% of the influence",
             )
         )
-        rows.append(
-            (
-                "Tile-dependent",
-                _fmt(rf["tile_dependent"]),
-                "every pixel of a tile affects every output",
-            )
-        )
+    td = data["verdict"]["tile_dependent"] if rf is None else rf["tile_dependent"]
     rows.append(
-        ("Halo used", f"{_fmt(s['halo'])} ({s['halo_source']})", "context added around each tile")
+        (
+            "Tile-dependent",
+            "not measured" if td is None else _fmt(bool(td)),
+            "every pixel of a tile affects every output (then no halo makes stitching exact)",
+        )
     )
-    rows.append(("Alignment", _fmt(s["alignment"]), "tiles start on multiples of it"))
+    rows.append(
+        (
+            "Halo used",
+            f"{_fmt_axes(s['halo'])}, from {s['halo_source']}",
+            "context added around each tile",
+        )
+    )
+    rows.append(("Alignment", _fmt_axes(s["alignment"]), "tiles start on multiples of it"))
     rows.append(("Tile", f"{_fmt(s['tile'])} (window {_fmt(s['window'])})", "inner tile diagnosed"))
     dice = data.get("dice")
     if dice is not None:
@@ -549,7 +567,7 @@ def render_markdown(data: Mapping[str, Any], figure_paths: Mapping[str, str]) ->
         out.append(_md_table(["type", "count", "statistics", "layers"], _norm_rows(data)))
     out += ["", "## Settings and timings", ""]
     s = data["settings"]
-    settings = [[k, _fmt(s[k])] for k in s]
+    settings = [[k, _fmt_axes(s[k]) if k in _PER_AXIS else _fmt(s[k])] for k in s]
     settings += [[f"time: {k}", f"{t:.1f} s"] for k, t in data["timings"].items()]
     out.append(_md_table(["setting", "value"], settings))
     out += ["", "Definitions: see the glossary in report.html or DESIGN.md §2.", ""]
@@ -674,7 +692,8 @@ def render_html(data: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
         parts.append("</table>")
     parts.append("<h2>Settings and timings</h2><table>")
     for k, val in data["settings"].items():
-        parts.append(f"<tr><td>{e(k)}</td><td>{e(_fmt(val))}</td></tr>")
+        shown = _fmt_axes(val) if k in _PER_AXIS else _fmt(val)
+        parts.append(f"<tr><td>{e(k)}</td><td>{e(shown)}</td></tr>")
     for k, t in data["timings"].items():
         parts.append(f"<tr><td>time: {e(k)}</td><td>{t:.1f} s</td></tr>")
     parts.append("</table>")
