@@ -61,7 +61,6 @@ def main() -> None:
         outputs["global"] = predict_blockwise(freeze_norms(net, exact), image, **kw)
         t3 = time.perf_counter()
         sampled = compute_global_stats(net, image, fraction=args.fraction, **kw)
-        t4 = time.perf_counter()
         outputs["sampled"] = predict_blockwise(freeze_norms(net, sampled), image, **kw)
         t5 = time.perf_counter()
         run = {"tile": t1 - t0, "global": t3 - t1, "stats": t2 - t1, "sampled": t5 - t3}

@@ -10,17 +10,37 @@ from .errors import (
     InputNotFoundError,
     NahtlosError,
     NahtlosWarning,
+    NormError,
     ShapeMismatchError,
 )
 from .geometry import Block, BlockGrid
 from .intensity import InputNormalization
 from .io import open_image
 from .metrics import TileMismatch, TrainEvalDisparity, dice, tile_mismatch, train_eval_disparity
+from .norms import (
+    NORM_NAMES,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    RenormSchedule,
+    _install_monai_hook,
+    convert_norms,
+    make_norm,
+    monai_norm,
+)
 from .predict import PredictionStats, predict_blockwise, predict_whole
 
 __version__ = "0.1.0"
 
+# `UNet(norm="batchrenorm")` must work after `import nahtlos`, without importing MONAI
+# (seconds) when it is not used.
+_install_monai_hook()
+
 __all__ = [
+    "NORM_NAMES",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "Block",
     "BlockGrid",
     "BlockShapeError",
@@ -31,13 +51,21 @@ __all__ = [
     "InputNotFoundError",
     "NahtlosError",
     "NahtlosWarning",
+    "NormError",
     "PredictionStats",
+    "RenormSchedule",
     "ShapeMismatchError",
     "TileMismatch",
     "TrainEvalDisparity",
     "__version__",
+<<<<<<< HEAD
     "diagnose",
+=======
+    "convert_norms",
+>>>>>>> main
     "dice",
+    "make_norm",
+    "monai_norm",
     "open_image",
     "predict_blockwise",
     "predict_whole",

@@ -15,6 +15,7 @@ __all__ = [
     "InputNotFoundError",
     "NahtlosError",
     "NahtlosWarning",
+    "NormError",
     "ShapeMismatchError",
 ]
 
@@ -41,6 +42,10 @@ class InputNotFoundError(NahtlosError, FileNotFoundError):
 
 class IncompleteOutputError(NahtlosError, RuntimeError):
     """An output exists but was not completely written (an interrupted run)."""
+
+
+class NormError(NahtlosError, ValueError):
+    """An unknown norm name, an invalid norm setting, or norm layers that cannot be converted."""
 
 
 class NahtlosWarning(UserWarning):
