@@ -58,11 +58,8 @@ __all__ = [
     "TileMismatch",
     "TrainEvalDisparity",
     "__version__",
-<<<<<<< HEAD
-    "diagnose",
-=======
     "convert_norms",
->>>>>>> main
+    "diagnose",
     "dice",
     "make_norm",
     "monai_norm",
