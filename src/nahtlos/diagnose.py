@@ -869,6 +869,7 @@ def diagnose(
             # 8. figures and verdict
             bar.set_postfix_str(_STEPS[7])
             verdict = _verdict(
+                model_kind=loaded.kind,
                 mismatch=mismatch,
                 seam=seam_info,
                 disparity=disparity,
@@ -1121,6 +1122,7 @@ def _disparity_level(per_channel: Sequence[float]) -> DisparityLevel:
 
 def _verdict(
     *,
+    model_kind: str,
     mismatch: TileMismatch,
     seam: Mapping[str, Any],
     disparity: TrainEvalDisparity,
@@ -1151,12 +1153,13 @@ def _verdict(
     level = _disparity_level(disparity.per_channel)
     halo_s = ",".join(map(str, halo))
     align_s = ",".join(map(str, alignment))
-    convert_hint = (
-        " (`nahtlos convert MODEL OUT --to batchrenorm`, or `nahtlos.norms.convert_norms` in "
-        "Python)"
-        if _convert_available()
-        else ""
-    )
+    python_hint = '`nahtlos.norms.convert_norms(model, "batchrenorm")` on the Python model'
+    if not _convert_available():
+        convert_hint = ""
+    elif model_kind == "torchscript":  # a compiled graph cannot have its layers swapped
+        convert_hint = f" ({python_hint}; a TorchScript file cannot be converted)"
+    else:
+        convert_hint = f" (`nahtlos convert MODEL OUT --to batchrenorm`, or {python_hint})"
     to_convert: list[Mapping[str, Any]] = []
     cause = ""
 
