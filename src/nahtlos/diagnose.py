@@ -580,7 +580,7 @@ def diagnose(
         :func:`nahtlos.checkpoint.load_model`, or a path to a model file. A model's
         metadata (``ndim``, ``halo``, ``alignment``, ``activation``,
         ``input_normalization``, ``channel_names``) is used where the arguments
-        leave them out.
+        leave them out (project checkpoints: also ``classes`` and ``block``).
     image
         ``(*spatial)`` or ``(C_in, *spatial)`` array-like, or a path for
         :func:`nahtlos.io.open_image`.
@@ -715,6 +715,8 @@ def diagnose(
             halo_t, halo_source, align_t = _halo_and_alignment(
                 halo, alignment, meta, rf, nd, erf_mass
             )
+            if tile is None and meta.get("block") is not None:
+                tile = meta["block"]  # the block the model was made to predict with
             tile_t = as_per_axis(tile, nd, "tile") if tile is not None else None
             grid = BlockGrid(
                 shape,
@@ -999,7 +1001,8 @@ def _halo_and_alignment(
 
 
 def _channel_names(given: Sequence[str] | None, meta: Mapping[str, Any], n: int) -> list[str]:
-    names = list(given) if given is not None else meta.get("channel_names")
+    # project checkpoints call them "classes"
+    names = list(given) if given is not None else meta.get("channel_names", meta.get("classes"))
     if names is None:
         return [f"channel {c}" for c in range(n)]
     if len(names) != n:
@@ -1169,8 +1172,13 @@ def _verdict(
     # seams
     if seamless:
         findings.append(
-            f"The tiled prediction equals the whole-image prediction (largest difference "
-            f"{seam['max_difference']:.1e}) and overlapping tiles agree (tile mismatch: no). "
+            "The tiled prediction equals the whole-image prediction ("
+            + (
+                "identical"
+                if seam["max_difference"] == 0
+                else f"largest difference {seam['max_difference']:.1e}"
+            )
+            + ") and overlapping tiles agree (tile mismatch: no). "
             "The result does not depend on the tile size."
         )
     else:

@@ -317,6 +317,11 @@ def sweep_figure(
     fig = _new_figure(5.2 * n, 4.2)
     axs = fig.subplots(1, n)
     colors = [f"C{i}" for i in range(len(channel_names))]
+    # distinct markers and dashes: equal curves (common when seamless) stay visible
+    styles = [
+        {"color": colors[c], "marker": "os^Dv<>p"[c % 8], "ls": ("-", "--", ":", "-.")[c % 4]}
+        for c in range(len(channel_names))
+    ]
     labels = [
         "whole" if int(p["blocks"]) == 1 else "×".join(str(t) for t in p["tile"]) for p in points
     ]
@@ -334,7 +339,7 @@ def sweep_figure(
 
     ax = axs[0]
     for c, name in enumerate(channel_names):
-        ax.plot(sizes, [p["agreement"][c] for p in points], "o-", color=colors[c], label=name)
+        ax.plot(sizes, [p["agreement"][c] for p in points], label=name, **styles[c])
     low = min((min(p["agreement"]) for p in points), default=1.0)
     ax.set_ylim(min(low - 0.02, 0.95), 1.005)
     setup(ax, "Agreement with the whole-image prediction", "Dice (tiled vs whole masks)")
@@ -345,6 +350,8 @@ def sweep_figure(
     ax.plot(sizes, [max(float(p["max_difference"]), floor) for p in points], "o-", color="k")
     ax.axhline(tolerance, color="tab:green", ls="--", lw=1)
     ax.text(sizes[0], tolerance * 1.5, "seamless below", color="tab:green", fontsize=8)
+    if any(float(p["max_difference"]) == 0 for p in points):
+        ax.text(sizes[0], floor * 2, "bottom row: identical (0)", fontsize=8, color="0.3")
     ax.set_yscale("log")
     ax.set_ylim(floor / 2, 2.0)
     setup(ax, "Largest |tiled − whole|", "absolute difference (log)")
@@ -355,9 +362,7 @@ def sweep_figure(
             ys = [(p["dice"] or [None] * len(channel_names))[c] for p in points]
             if all(y is None for y in ys):
                 continue
-            ax.plot(
-                sizes, [math.nan if y is None else y for y in ys], "o-", color=colors[c], label=name
-            )
+            ax.plot(sizes, [math.nan if y is None else y for y in ys], label=name, **styles[c])
             limit = None if whole_dice is None else whole_dice[c]
             if limit is not None:
                 ax.axhline(float(limit), color=colors[c], ls="--", lw=1)
