@@ -294,8 +294,14 @@ def _chromium(*args: str, tmp: Path, timeout: int = 90) -> subprocess.CompletedP
         "--disable-dev-shm-usage",
         f"--user-data-dir={tmp / 'chromium-profile'}",
     ]
+    # its own session: chromium's helpers must not signal the test process's group
     return subprocess.run(
-        [exe, *flags, *args], capture_output=True, text=True, timeout=timeout, check=False
+        [exe, *flags, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        start_new_session=True,
     )
 
 
