@@ -60,6 +60,7 @@ def _run(model, image, **kw):
     kw.setdefault("alignment", ALIGN)
     kw.setdefault("progress", False)
     kw.setdefault("make_figures", False)
+    kw.setdefault("receptive_field", False)  # measured where a test needs it
     return diagnose(model, image, **kw)
 
 
@@ -75,7 +76,7 @@ def bn_report(image):
 
 @pytest.fixture(scope="module")
 def in_report(image):
-    return _run(make_unet(2, 2, norm="instance"), image)
+    return _run(make_unet(2, 2, norm="instance"), image, receptive_field=True)
 
 
 def test_batchnorm_eval_is_seamless(bn_report, image):
@@ -181,6 +182,17 @@ def test_labels_give_dice_in_eval_train_and_whole(image):
     assert rep2.dice["whole"] == dice_per_channel(pred, onehot, skip_empty_target=True)
 
 
+def test_halo_and_alignment_come_from_the_receptive_field(image):
+    rf_module = pytest.importorskip("nahtlos.receptive_field")
+    net = make_unet(2, 2, norm="batch")
+    rep = diagnose(net, image, progress=False, make_figures=False)
+    rf = rf_module.receptive_field(net, 2, 1)
+    assert rep.settings["halo_source"] == "receptive field"
+    assert tuple(rep.settings["halo"]) == tuple(rf_module.recommend_halo(rf))
+    assert tuple(rep.settings["alignment"]) == tuple(rf.alignment)
+    assert rep.seamless and rep.to_dict()["receptive_field"]["tile_dependent"] is False
+
+
 def test_bad_inputs_name_the_problem(image):
     net = make_unet(2, 2, norm="batch")
     with pytest.raises(ShapeMismatchError, match=r"\(32, 32\)"):
@@ -227,7 +239,14 @@ def written(tmp_path_factory, image):
     out = tmp_path_factory.mktemp("report") / "diagnosis"
     net = _bn_with_bad_statistics()
     labels = binarize(predict_whole(net, image, HALO, ALIGN, output_transform=torch.sigmoid))
-    rep = _run(net, image, labels=labels, make_figures=True, channel_names=["cells", "edges"])
+    rep = _run(
+        net,
+        image,
+        labels=labels,
+        make_figures=True,
+        receptive_field=True,
+        channel_names=["cells", "edges"],
+    )
     paths = rep.write(out)
     return rep, out, paths
 
@@ -239,6 +258,8 @@ def test_report_files_validate_and_put_the_verdict_first(written):
     data = json.loads((out / "report.json").read_text())
     validate_report(data)
     assert set(data["figures"]) >= {"seam_map", "train_eval", "tile_sweep"}
+    if data["receptive_field"] is not None:
+        assert "receptive_field" in data["figures"]
     for rel in data["figures"].values():
         assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["tile_mismatch"]["seamless"] is True
