@@ -965,7 +965,16 @@ def _measure_receptive_field(
         from . import receptive_field as rf_module
     except ImportError:
         return None
-    return rf_module.receptive_field(module, ndim, in_channels, device=device)
+    try:
+        return rf_module.receptive_field(module, ndim, in_channels, device=device)
+    except NahtlosError as exc:
+        # the rest of the diagnosis stands without it when the halo is known otherwise
+        warnings.warn(
+            f"the receptive field could not be measured ({exc}); the report leaves it out",
+            NahtlosWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 def _halo_and_alignment(
