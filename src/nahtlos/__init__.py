@@ -29,6 +29,15 @@ from .norms import (
     monai_norm,
 )
 from .predict import PredictionStats, predict_blockwise, predict_whole
+from .synth import (
+    SYNTHETIC_DATASETS,
+    SynthError,
+    SynthSample,
+    open_synthetic,
+    semantic_classes,
+    synthesize,
+    write_synthetic,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +47,7 @@ _install_monai_hook()
 
 __all__ = [
     "NORM_NAMES",
+    "SYNTHETIC_DATASETS",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -55,6 +65,8 @@ __all__ = [
     "PredictionStats",
     "RenormSchedule",
     "ShapeMismatchError",
+    "SynthError",
+    "SynthSample",
     "TileMismatch",
     "TrainEvalDisparity",
     "__version__",
@@ -64,8 +76,12 @@ __all__ = [
     "make_norm",
     "monai_norm",
     "open_image",
+    "open_synthetic",
     "predict_blockwise",
     "predict_whole",
+    "semantic_classes",
+    "synthesize",
     "tile_mismatch",
     "train_eval_disparity",
+    "write_synthetic",
 ]
