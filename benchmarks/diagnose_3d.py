@@ -69,9 +69,8 @@ def main() -> None:
         volume = synthetic_volume(shape)
         np.save(work / "image.npy", volume)
         np.save(work / "labels.npy", (volume > 0.35).astype(np.uint8))  # blobs = class 1
-        model = save_torchscript(
-            build_model(args.norm), work / "model.pt", example=torch.zeros(1, 1, 32, 32, 32)
-        )
+        # scripted, not traced: tracing would freeze BatchNorm in eval mode
+        model = save_torchscript(build_model(args.norm), work / "model.pt")
         out = Path(args.out) if args.out else work / "report"
         cmd = [nahtlos, "diagnose", str(model), str(work / "image.npy"), "--out", str(out)]
         cmd += ["--labels", str(work / "labels.npy"), "--tile", args.tile, "--no-progress"]

@@ -193,6 +193,24 @@ def test_halo_and_alignment_come_from_the_receptive_field(image):
     assert rep.seamless and rep.to_dict()["receptive_field"]["tile_dependent"] is False
 
 
+def test_traced_models_cannot_show_disparity_scripted_ones_can(image):
+    net = _bn_with_bad_statistics()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, torch.zeros(1, 1, 32, 32))
+        scripted = torch.jit.script(net)
+    assert diagnose_module.mode_frozen(traced) and not diagnose_module.mode_frozen(scripted)
+    assert not diagnose_module.mode_frozen(net)
+    rep = _run(traced, image, make_figures=True)
+    assert rep.verdict.disparity == "not measurable" and "train_eval" not in rep.figures
+    assert any("torch.jit.trace" in f for f in rep.verdict.findings)
+    assert rep.to_dict()["train_eval_disparity"]["measurable"] is False
+    validate_report(rep.to_dict())
+    rep = _run(scripted, image)
+    assert rep.verdict.disparity == "substantial"
+    assert max(rep.train_eval_disparity.per_channel) > 0.05
+
+
 def test_bad_inputs_name_the_problem(image):
     net = make_unet(2, 2, norm="batch")
     with pytest.raises(ShapeMismatchError, match=r"\(32, 32\)"):
@@ -400,6 +418,7 @@ def test_cli_applies_the_models_metadata(tmp_path):
     assert data["model"]["kind"] == "torchscript"
     assert data["model"]["channel_names"] == ["background", "nuclei"]
     assert data["settings"]["halo_source"] == "model metadata"
+    assert data["verdict"]["disparity"] == "not measurable"  # saved with torch.jit.trace
     norm = data["model"]["input_normalization"]
     assert norm["mode"] == "global"
     assert norm["values"][0] == pytest.approx(np.percentile(raw, [1.0, 99.8]), rel=1e-6)

@@ -77,7 +77,7 @@ __all__ = [
 #: Train/eval disparity (1 − Dice, on some channel) from which it is called substantial.
 DISPARITY_THRESHOLD = 0.05
 
-DisparityLevel = Literal["none", "small", "substantial"]
+DisparityLevel = Literal["none", "small", "substantial", "not measurable"]
 
 _STEPS = (
     "input normalization",
@@ -105,8 +105,9 @@ class Verdict:
         from tile-wise normalization layers when it was not measured); ``None`` if
         unknown.
     disparity
-        ``"none"`` (identical masks), ``"small"`` or ``"substantial"`` (at least
-        :data:`DISPARITY_THRESHOLD` on some channel).
+        ``"none"`` (identical masks), ``"small"``, ``"substantial"`` (at least
+        :data:`DISPARITY_THRESHOLD` on some channel), or ``"not measurable"`` (a traced
+        TorchScript model, whose normalization ignores train/eval mode).
     headline, findings, actions
         One sentence, what was found, and what to do.
     """
@@ -203,6 +204,7 @@ class DiagnosisReport:
             "max_difference": float(worst["max_difference"]) if worst else 0.0,
         }
         ted = self.train_eval_disparity.to_dict()
+        ted["measurable"] = self.verdict.disparity != "not measurable"
         ted["worst_tile"] = self.worst_tile
         data: dict[str, Any] = {
             "schema": "nahtlos-diagnosis-report/1",
@@ -330,6 +332,34 @@ def _global_norm_stats_available() -> bool:
 def _convert_available() -> bool:
     """Whether :mod:`nahtlos.norms` (BatchRenorm and norm conversion) is installed."""
     return importlib.util.find_spec("nahtlos.norms") is not None
+
+
+def mode_frozen(model: torch.nn.Module) -> bool:
+    """Whether the model's BatchNorm layers ignore ``train()``/``eval()``.
+
+    ``torch.jit.trace`` records the mode a model was traced in as a constant of every
+    ``batch_norm`` call, so a traced TorchScript file normalizes the same way in train
+    and in eval mode and its train/eval disparity cannot be measured (a scripted one,
+    ``torch.jit.script``, reads the flag at run time).
+    """
+    if not isinstance(model, torch.jit.ScriptModule):
+        return False
+    try:
+        graph = model.inlined_graph
+    except (RuntimeError, AttributeError):  # pragma: no cover - exotic script modules
+        return False
+
+    def frozen(block: Any) -> bool:
+        for node in block.nodes():
+            if node.kind() == "aten::batch_norm":
+                training = list(node.inputs())[5]
+                if training.node().kind() == "prim::Constant":
+                    return True
+            if any(frozen(b) for b in node.blocks()):
+                return True
+        return False
+
+    return frozen(graph)
 
 
 def _as_loaded(model: torch.nn.Module | LoadedModel | str | os.PathLike[str]) -> LoadedModel:
@@ -809,6 +839,7 @@ def diagnose(
 
             # 6. train/eval disparity on the same tiles
             bar.set_postfix_str(_STEPS[5])
+            frozen = mode_frozen(module)
             disparity = train_eval_disparity(
                 module,
                 arr,
@@ -827,13 +858,16 @@ def diagnose(
             assert train_pred is not None
             worst_block, worst = _worst_tile(grid, train_pred, tiled, threshold)
             disparity.train_prediction = disparity.eval_prediction = None  # keep reports small
-            dice_scores = None
+            dice_scores: dict[str, list[float | None]] | None = None
             if masks is not None:
                 dice_scores = {
                     "eval": dice_per_channel(
                         binarize(tiled, threshold), masks, skip_empty_target=True
                     ),
-                    "train": dice_per_channel(
+                    # a model frozen in eval mode has no train-mode prediction to score
+                    "train": [None] * n_out
+                    if frozen
+                    else dice_per_channel(
                         binarize(train_pred, threshold), masks, skip_empty_target=True
                     ),
                     "whole": dice_per_channel(
@@ -872,6 +906,7 @@ def diagnose(
             bar.set_postfix_str(_STEPS[7])
             verdict = _verdict(
                 model_kind=loaded.kind,
+                frozen=frozen,
                 mismatch=mismatch,
                 seam=seam_info,
                 disparity=disparity,
@@ -890,6 +925,7 @@ def diagnose(
             figures = {}
             if make_figures:
                 figures = _figures(
+                    frozen=frozen,
                     arr=arr,
                     whole=whole,
                     tiled=tiled,
@@ -1135,6 +1171,7 @@ def _disparity_level(per_channel: Sequence[float]) -> DisparityLevel:
 def _verdict(
     *,
     model_kind: str,
+    frozen: bool,
     mismatch: TileMismatch,
     seam: Mapping[str, Any],
     disparity: TrainEvalDisparity,
@@ -1162,7 +1199,7 @@ def _verdict(
         tile_dependent = True
     else:
         tile_dependent = False if seamless else None
-    level = _disparity_level(disparity.per_channel)
+    level = "not measurable" if frozen else _disparity_level(disparity.per_channel)
     halo_s = ",".join(map(str, halo))
     align_s = ",".join(map(str, alignment))
     python_hint = '`nahtlos.norms.convert_norms(model, "batchrenorm")` on the Python model'
@@ -1304,6 +1341,17 @@ def _verdict(
             f"Train/eval disparity is small ({worst:.2g}): eval-mode masks differ from "
             "train-mode masks only in a few uncertain pixels."
         )
+    elif level == "not measurable":
+        findings.append(
+            "Train/eval disparity cannot be measured: this TorchScript file was made with "
+            "torch.jit.trace, which freezes its BatchNorm layers in the mode they were traced "
+            "in, so the model predicts the same in train and in eval mode."
+        )
+        if running:
+            actions.append(
+                "To measure the train/eval disparity, diagnose the Python model, or export it "
+                "with torch.jit.script instead of torch.jit.trace."
+            )
     else:
         findings.append("Train mode and eval mode give the same masks (train/eval disparity 0).")
 
@@ -1320,7 +1368,10 @@ def _verdict(
         headline = (
             f"Seamless: tiles with halo {halo_s} and alignment {align_s} stitch into exactly the "
             "whole-image prediction"
-            + (", and train and eval mode agree." if level == "none" else ".")
+            + {
+                "none": ", and train and eval mode agree.",
+                "not measurable": " (train/eval disparity not measurable for a traced model).",
+            }.get(level, ".")
         )
         if not actions:
             actions.append(
@@ -1361,6 +1412,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def _figures(
     *,
+    frozen: bool,
     arr: np.ndarray,
     whole: np.ndarray,
     tiled: np.ndarray,
@@ -1409,21 +1461,22 @@ def _figures(
     c = max(range(len(losses)), key=lambda k: (losses[k], diffs[k]))
     zt = (inner[0].stop - inner[0].start) // 2 if nd == 3 else None
     span = ", ".join(f"{n} {s.start}–{s.stop}" for n, s in zip(names, inner, strict=True))
-    figures["train_eval"] = disparity_figure(
-        DisparityView(
-            image=_slice_2d(arr[at(0)], zt),
-            train=_slice_2d(train[at(c)], zt),
-            eval=_slice_2d(tiled[at(c)], zt),
-            axes=(names[-2], names[-1]),
-            where=f"{names[0]} = {inner[0].start + zt} (central slice of the tile)"
-            if zt is not None
-            else "",
-            tile=span,
-            channel=channel_names[c],
-            one_minus_dice=losses[c],
-            threshold=threshold,
+    if not frozen:
+        figures["train_eval"] = disparity_figure(
+            DisparityView(
+                image=_slice_2d(arr[at(0)], zt),
+                train=_slice_2d(train[at(c)], zt),
+                eval=_slice_2d(tiled[at(c)], zt),
+                axes=(names[-2], names[-1]),
+                where=f"{names[0]} = {inner[0].start + zt} (central slice of the tile)"
+                if zt is not None
+                else "",
+                tile=span,
+                channel=channel_names[c],
+                one_minus_dice=losses[c],
+                threshold=threshold,
+            )
         )
-    )
     if rf is not None:
         figures["receptive_field"] = _rf_figure(rf, erf_mass)
     figures["tile_sweep"] = sweep_figure(

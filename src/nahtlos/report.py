@@ -439,7 +439,9 @@ def _key_numbers(data: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         (
             "Train/eval disparity",
             ", ".join(f"{n} {_fmt(v)}" for n, v in zip(names, ted["per_channel"], strict=False))
-            + f" (mean {_fmt(ted['mean'])})",
+            + f" (mean {_fmt(ted['mean'])})"
+            if ted["measurable"]
+            else "not measurable (traced TorchScript model)",
             "1 − Dice between train-mode and eval-mode masks of the same tiles",
         ),
     ]
