@@ -243,6 +243,8 @@ def test_normalization_layers_of_scripted_models():
 
 def test_global_statistics_hint_only_when_predict_offers_it(in_report, monkeypatch, image):
     assert not any("--norm-stats" in a for a in in_report.verdict.actions)
+    # the library exists already: a Python model is pointed to it
+    assert any("compute_global_stats" in a for a in in_report.verdict.actions)
     monkeypatch.setattr(diagnose_module, "_global_norm_stats_available", lambda: True)
     rep = _run(make_unet(2, 2, norm="instance"), image, tile_sizes=[64])
     assert any("--norm-stats global" in a for a in rep.verdict.actions)

@@ -329,6 +329,11 @@ def _global_norm_stats_available() -> bool:
     return "norm_stats" in inspect.signature(_predict.predict).parameters
 
 
+def _global_stats_library_available() -> bool:
+    """Whether :mod:`nahtlos.global_stats` (whole-image norm statistics) is installed."""
+    return importlib.util.find_spec("nahtlos.global_stats") is not None
+
+
 def _convert_available() -> bool:
     """Whether :mod:`nahtlos.norms` (BatchRenorm and norm conversion) is installed."""
     return importlib.util.find_spec("nahtlos.norms") is not None
@@ -1245,6 +1250,14 @@ def _verdict(
                 actions.append(
                     "Without retraining: predict with whole-image normalization statistics, "
                     "`nahtlos predict MODEL IMAGE OUT --norm-stats global`; the result is "
+                    "seamless and equals the whole-image prediction."
+                )
+            elif model_kind != "torchscript" and _global_stats_library_available():
+                actions.append(
+                    "Without retraining, in Python: `stats = nahtlos.global_stats."
+                    "compute_global_stats(model, image, block=..., halo=..., alignment=...)`, "
+                    "then predict block-wise with `nahtlos.global_stats.freeze_norms(model, "
+                    "stats)`; it normalizes with the statistics of the whole image, which is "
                     "seamless and equals the whole-image prediction."
                 )
             good = [p for p in sweep if min(p.agreement, default=1.0) >= 0.99]
