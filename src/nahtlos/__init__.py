@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .autoblock import AutoGeometry, auto_geometry, choose_block
 from .diagnose import DiagnosisReport, diagnose
 from .errors import (
     BlockShapeError,
@@ -29,6 +30,14 @@ from .norms import (
     monai_norm,
 )
 from .predict import PredictionStats, predict_blockwise, predict_whole
+from .receptive_field import (
+    Culprit,
+    ReceptiveField,
+    ReceptiveFieldError,
+    plot_receptive_field,
+    receptive_field,
+    recommend_halo,
+)
 from .synth import (
     SYNTHETIC_DATASETS,
     SynthError,
@@ -48,12 +57,14 @@ _install_monai_hook()
 __all__ = [
     "NORM_NAMES",
     "SYNTHETIC_DATASETS",
+    "AutoGeometry",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
     "Block",
     "BlockGrid",
     "BlockShapeError",
+    "Culprit",
     "DiagnosisReport",
     "FormatError",
     "IncompleteOutputError",
@@ -63,6 +74,8 @@ __all__ = [
     "NahtlosWarning",
     "NormError",
     "PredictionStats",
+    "ReceptiveField",
+    "ReceptiveFieldError",
     "RenormSchedule",
     "ShapeMismatchError",
     "SynthError",
@@ -70,6 +83,8 @@ __all__ = [
     "TileMismatch",
     "TrainEvalDisparity",
     "__version__",
+    "auto_geometry",
+    "choose_block",
     "convert_norms",
     "diagnose",
     "dice",
@@ -77,8 +92,11 @@ __all__ = [
     "monai_norm",
     "open_image",
     "open_synthetic",
+    "plot_receptive_field",
     "predict_blockwise",
     "predict_whole",
+    "receptive_field",
+    "recommend_halo",
     "semantic_classes",
     "synthesize",
     "tile_mismatch",

@@ -54,6 +54,8 @@ from .metrics import (
     train_eval_disparity,
 )
 from .predict import ArrayLike, predict_blockwise, predict_whole, resolve_device, split_channels
+from .receptive_field import ReceptiveField, plot_receptive_field
+from .receptive_field import receptive_field as measure_receptive_field
 from .report import (
     DisparityView,
     SeamView,
@@ -179,7 +181,7 @@ class DiagnosisReport:
     seam: dict[str, Any]
     train_eval_disparity: TrainEvalDisparity
     worst_tile: dict[str, Any]
-    receptive_field: Any | None
+    receptive_field: ReceptiveField | None
     normalization_layers: list[dict[str, Any]]
     dice: dict[str, list[float | None]] | None
     sweep: list[SweepPoint]
@@ -263,7 +265,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _rf_dict(rf: Any, mass: float) -> dict[str, Any] | None:
+def _rf_dict(rf: ReceptiveField | None, mass: float) -> dict[str, Any] | None:
     if rf is None:
         return None
     data: dict[str, Any] = rf.to_dict(mass)
@@ -1000,14 +1002,10 @@ def diagnose(
 
 def _measure_receptive_field(
     module: torch.nn.Module, ndim: int, in_channels: int, device: torch.device
-) -> Any | None:
-    """The receptive field by :mod:`nahtlos.receptive_field`, or ``None`` without it."""
+) -> ReceptiveField | None:
+    """The receptive field (:mod:`nahtlos.receptive_field`), or ``None`` if it cannot be probed."""
     try:
-        from . import receptive_field as rf_module
-    except ImportError:
-        return None
-    try:
-        return rf_module.receptive_field(module, ndim, in_channels, device=device)
+        return measure_receptive_field(module, ndim, in_channels, device=device)
     except NahtlosError as exc:
         # the rest of the diagnosis stands without it when the halo is known otherwise
         warnings.warn(
@@ -1022,7 +1020,7 @@ def _halo_and_alignment(
     halo: int | Sequence[int] | None,
     alignment: int | Sequence[int] | None,
     meta: Mapping[str, Any],
-    rf: Any | None,
+    rf: ReceptiveField | None,
     ndim: int,
     erf_mass: float,
 ) -> tuple[tuple[int, ...], str, tuple[int, ...]]:
@@ -1180,7 +1178,7 @@ def _verdict(
     mismatch: TileMismatch,
     seam: Mapping[str, Any],
     disparity: TrainEvalDisparity,
-    rf: Any | None,
+    rf: ReceptiveField | None,
     layers: Sequence[Mapping[str, Any]],
     norm: InputNormalization | None,
     halo: tuple[int, ...],
@@ -1434,7 +1432,7 @@ def _figures(
     grid: BlockGrid,
     worst_block: Any,
     worst: Mapping[str, Any],
-    rf: Any | None,
+    rf: ReceptiveField | None,
     sweep: Sequence[SweepPoint],
     names: tuple[str, ...],
     channel_names: Sequence[str],
@@ -1502,10 +1500,8 @@ def _figures(
     return figures
 
 
-def _rf_figure(rf: Any, mass: float) -> bytes:
+def _rf_figure(rf: ReceptiveField, mass: float) -> bytes:
     """The receptive-field picture of :mod:`nahtlos.receptive_field`, as PNG bytes."""
-    from .receptive_field import plot_receptive_field
-
     with tempfile.TemporaryDirectory(prefix="nahtlos-rf-") as tmp:
         path = Path(tmp) / "receptive_field.png"
         plot_receptive_field(rf, path, mass=mass)

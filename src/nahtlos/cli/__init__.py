@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import _convert, _demo, _diagnose, _predict, _synth
+from . import _convert, _demo, _diagnose, _predict, _rf, _synth
 
 __all__ = ["app", "main"]
 
@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (_predict, _diagnose, _convert, _synth, _demo):
+for _module in (_predict, _rf, _diagnose, _convert, _synth, _demo):
     _module.register(app)
 
 

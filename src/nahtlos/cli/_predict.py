@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..autoblock import auto_geometry, parse_memory
 from ..checkpoint import load_model
 from ..errors import BlockShapeError
 from ..geometry import BlockGrid
@@ -29,11 +30,26 @@ def predict(
         Path, typer.Argument(help="Output: .zarr, .npy or .tif (float32, C,[Z,]Y,X).")
     ],
     block: Annotated[
-        str | None, typer.Option(help="Inner block shape per axis, e.g. 64,128,128 (or one value).")
+        str | None,
+        typer.Option(
+            help="Inner block shape per axis, e.g. 64,128,128 (or one value); "
+            "auto or left out: the largest that fits --max-memory."
+        ),
     ] = None,
-    halo: Annotated[str | None, typer.Option(help="Halo: N or Z,Y,X.")] = None,
+    halo: Annotated[
+        str | None,
+        typer.Option(help="Halo: N or Z,Y,X; auto or left out: from the receptive field."),
+    ] = None,
     alignment: Annotated[
-        str | None, typer.Option(help="Network down-sampling factor: N or Z,Y,X.")
+        str | None,
+        typer.Option(help="Network down-sampling factor: N or Z,Y,X; auto or left out: measured."),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget for an automatic --block, e.g. 8G or 512MiB "
+            "(default: half the free RAM, or free GPU memory)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -58,7 +74,7 @@ def predict(
     if halo_v is None:
         halo_v = meta.get("halo")
     if align_v is None:
-        align_v = meta.get("alignment", 1)
+        align_v = meta.get("alignment")
     if ndim is None:
         ndim = len(block_v) if isinstance(block_v, tuple) else meta.get("ndim")
     if ndim is None:
@@ -68,26 +84,46 @@ def predict(
             f"image {input!r} has shape {tuple(image.shape)}, which does not fit a {ndim}D block; "
             f"expected {ndim} spatial axes with an optional leading channel axis"
         )
-    if block_v is None:
-        raise fail("--block is required for this model (e.g. --block 64,128,128)")
-    if halo_v is None:
-        raise fail("--halo is required for this model (the receptive-field radius, e.g. --halo 16)")
+    auto = False
+    if block_v is None or halo_v is None or align_v is None:
+        # Left out or "auto": measured from the model (receptive field, memory).
+        auto = True
+        try:
+            budget = None if max_memory is None else parse_memory(max_memory)
+        except ValueError as exc:
+            raise fail(f"--max-memory: {exc}") from None
+        in_channels = int(image.shape[0]) if len(image.shape) == ndim + 1 else 1
+        geometry = auto_geometry(
+            loaded.module.to(resolve_device(device)),
+            ndim,
+            in_channels,
+            tuple(image.shape[-ndim:]),
+            block=block_v,
+            halo=halo_v,
+            alignment=align_v,
+            max_memory=budget,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        typer.echo(geometry.describe(), err=True)
+        block_v, halo_v, align_v = geometry.block, geometry.halo, geometry.alignment
     # Output chunks equal the blocks, so that no two blocks write the same chunk.
-    grid = BlockGrid(tuple(image.shape[-ndim:]), block_v, halo_v, align_v)
+    grid = BlockGrid(tuple(image.shape[-ndim:]), block_v, halo_v, align_v, auto=auto)
     pending = PendingOutput(out_path, chunks=grid.block, overwrite=overwrite)
     dev = resolve_device(device)
     try:
         predict_blockwise(
             loaded.module,
             image,
-            block_v,
-            halo_v,
-            align_v,
+            grid.block,
+            grid.halo,
+            grid.alignment,
             ndim=ndim,
             batch_size=batch_size,
             device=dev,
             out=pending,
             progress=progress,
+            auto=auto,
         )
         final = pending.commit()
     except BaseException:
