@@ -594,6 +594,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.95em}
 td,th{border:1px solid #d5d9e0;padding:.35em .6em;text-align:left;vertical-align:top}
 th{background:#f2f4f8}td.meaning{color:#566;font-size:.9em}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #e3e6ec}
+#receptive_field img{max-width:min(100%,900px)}
 figcaption{color:#445;font-size:.95em;margin-top:.4em}
 details{margin-top:2em}code{background:#f2f4f8;padding:0 .25em;border-radius:3px}
 """
