@@ -6,6 +6,7 @@ from .autoblock import AutoGeometry, auto_geometry, choose_block
 from .checkpoint import LoadedModel, load_model
 from .config import ConfigError, TrainingConfig, load_config
 from .data import PatchSampler, instances_to_semantic
+from .diagnose import DiagnosisReport, diagnose
 from .errors import (
     BlockShapeError,
     FormatError,
@@ -69,6 +70,7 @@ __all__ = [
     "BlockShapeError",
     "ConfigError",
     "Culprit",
+    "DiagnosisReport",
     "FormatError",
     "IncompleteOutputError",
     "InputNormalization",
@@ -93,6 +95,7 @@ __all__ = [
     "build_model",
     "choose_block",
     "convert_norms",
+    "diagnose",
     "dice",
     "instances_to_semantic",
     "load_config",

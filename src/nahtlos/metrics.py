@@ -140,9 +140,16 @@ def measuring_mode(model: torch.nn.Module, train: bool) -> Iterator[torch.nn.Mod
     with preserved_state(model):
         model.train(train)
         for m in model.modules():
-            if isinstance(m, _DROPOUT) or type(m).__name__.lower().startswith("dropout"):
+            if _is_dropout(m):
                 m.train(False)
         yield model
+
+
+def _is_dropout(m: torch.nn.Module) -> bool:
+    # TorchScript submodules are all RecursiveScriptModule; their class name survives
+    # as `original_name`, so scripted dropout is found (and switched off) too.
+    name = str(getattr(m, "original_name", type(m).__name__))
+    return isinstance(m, _DROPOUT) or "dropout" in name.lower()
 
 
 @dataclass
@@ -392,6 +399,7 @@ def train_eval_disparity(
     input_transform: Callable[[np.ndarray], np.ndarray] | None = None,
     device: str | torch.device | None = None,
     keep_predictions: bool = False,
+    eval_prediction: np.ndarray | None = None,
     progress: bool = False,
 ) -> TrainEvalDisparity:
     """Train/eval disparity: predict the same tiles in train and in eval mode.
@@ -399,10 +407,21 @@ def train_eval_disparity(
     In train mode, normalization layers such as BatchNorm use the statistics of the
     current batch (``batch_size`` windows), as during training; in eval mode their
     running statistics. Dropout is off in both. The model is left exactly as it was.
+
+    ``eval_prediction``, the eval-mode block-wise prediction (with dropout off, the
+    same blocks and activation) when the caller already has it, saves one pass.
     """
     act = activation_function(activation)
-    preds = []
+    preds: list[np.ndarray] = []
     for train in (True, False):
+        if not train and eval_prediction is not None:
+            if tuple(eval_prediction.shape) != tuple(preds[0].shape):
+                raise ShapeMismatchError(
+                    f"eval_prediction has shape {tuple(eval_prediction.shape)} but the "
+                    f"train-mode prediction has shape {tuple(preds[0].shape)}"
+                )
+            preds.append(np.asarray(eval_prediction))
+            continue
         with measuring_mode(model, train=train):
             preds.append(
                 np.asarray(
