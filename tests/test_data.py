@@ -226,3 +226,14 @@ def test_volumes_are_drawn_in_proportion_to_their_size():
     s = PatchSampler([small, big], (8, 8), seed=0)
     share_big = np.mean([s.sample()[0].mean() for _ in range(400)])
     assert 0.68 < share_big < 0.82  # 3/4 of the pixels are in the big volume
+
+
+def test_ome_zarr_image_and_labels(tmp_path):
+    from nahtlos.synth import synthesize, write_synthetic
+
+    write_synthetic("plants", tmp_path / "p.zarr", (64, 64), seed=1, progress=False)
+    vol = open_volume(str(tmp_path / "p.zarr"), str(tmp_path / "p.zarr:labels/instances"), 2)
+    sample = synthesize("plants", (64, 64), seed=1)
+    np.testing.assert_array_equal(np.asarray(vol.image[...]), sample.image)
+    target = semantic_target(vol, (slice(0, 64), slice(0, 64)))
+    np.testing.assert_array_equal(target, instances_to_semantic(sample.labels))

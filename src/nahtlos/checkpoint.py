@@ -16,7 +16,7 @@ unpickled): a dictionary of tensors and plain Python values,
 ``config``         the full training configuration (:class:`~nahtlos.config.TrainingConfig`
                    as JSON-able dict); the network is rebuilt from ``config["model"]``
 ``model``          the network's ``state_dict``
-``optimizer``      the optimizer's ``state_dict`` (``None`` in exported models)
+``optimizer``      the optimizer's ``state_dict`` (``None`` in converted checkpoints)
 ``schedule``       the BatchRenorm schedule's ``state_dict`` (or ``None``)
 ``step``           optimizer steps done
 ``rng``            random states: ``torch`` (ByteTensor), ``cuda`` (list of ByteTensors),
@@ -24,7 +24,10 @@ unpickled): a dictionary of tensors and plain Python values,
 ``sampler``        the patch sampler's state (its numpy generator)
 ``prediction``     what prediction needs, also returned by :func:`load_model` as
                    metadata: ``arch``, ``norm``, ``ndim``, ``in_channels``,
-                   ``out_channels``, ``classes``, ``activation`` (``sigmoid`` or
+                   ``out_channels``, ``classes``, ``labels`` (``instances``: ground
+                   truth is converted by :func:`nahtlos.data.instances_to_semantic`
+                   with ``boundary_mode``; ``semantic``: class indices),
+                   ``activation`` (``sigmoid`` or
                    ``softmax``), ``halo`` and ``alignment`` (per axis), ``block``
                    (a suggested inner block), ``window`` (UNETR: its fixed input
                    window, else ``None``), ``input_normalization``

@@ -158,6 +158,10 @@ def prediction_metadata(
         "in_channels": m.in_channels,
         "out_channels": config.out_channels,
         "classes": list(class_names(config)),
+        # how ground truth becomes the classes: "instances" (boundaries/foreground/
+        # background via find_boundaries with this mode) or "semantic" (class indices)
+        "labels": config.data.labels,
+        "boundary_mode": config.data.boundary_mode,
         "activation": m.activation,
         "halo": list(halo),
         "alignment": list(align),
