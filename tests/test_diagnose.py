@@ -430,3 +430,20 @@ def test_cli_applies_the_models_metadata(tmp_path):
     assert again.exit_code == 2 and "already holds a report" in again.output
     bad = runner.invoke(app, [*args, "--overwrite", "--activation", "relu"])
     assert bad.exit_code == 2 and "relu" in bad.output
+
+
+def test_instance_labels_are_converted_like_in_training(image):
+    from nahtlos.data import instances_to_semantic
+
+    net = make_unet(2, 2, norm="batch", out_channels=3)
+    instances = np.zeros((64, 64), np.int32)
+    instances[5:20, 5:25] = 1
+    instances[20:40, 10:30] = 2  # touching object: a shared border
+    instances[45:60, 40:60] = 7
+    semantic = instances_to_semantic(instances)
+    as_instances = _run(net, image, labels=instances, label_kind="instances")
+    as_masks = _run(net, image, labels=semantic)
+    assert as_instances.dice is not None and as_masks.dice is not None
+    assert as_instances.dice == as_masks.dice
+    with pytest.raises(ValueError, match="label_kind"):
+        _run(net, image, labels=instances, label_kind="objects")

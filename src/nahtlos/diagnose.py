@@ -607,6 +607,7 @@ def diagnose(
     progress: bool = True,
     image_source: str | None = None,
     labels_source: str | None = None,
+    label_kind: str = "auto",
 ) -> DiagnosisReport:
     """Diagnose how a model behaves under tile-and-stitch inference on an image.
 
@@ -668,6 +669,11 @@ def diagnose(
         Show a progress bar of the steps.
     image_source, labels_source
         Names of image and labels in the report (default: their paths).
+    label_kind
+        ``"instances"`` (object ids, converted to boundaries / foreground /
+        background as in training), ``"semantic"`` (a class per pixel, or one mask per
+        output channel), or ``"auto"``: what the model's checkpoint was trained on,
+        else semantic.
 
     Returns
     -------
@@ -696,6 +702,9 @@ def diagnose(
         lab_in = open_image(labels)
     else:
         lab_in = labels
+    kind_of_labels = meta.get("labels", "semantic") if label_kind == "auto" else label_kind
+    if kind_of_labels not in ("instances", "semantic"):
+        raise ValueError(f"label_kind {label_kind!r} is not one of 'auto', 'instances', 'semantic'")
     nd = _resolve_ndim(ndim, meta, img)
     channels = split_channels(img, nd)
     spatial = tuple(int(s) for s in img.shape[-nd:])
@@ -783,6 +792,12 @@ def diagnose(
             if lab_in is not None:
                 lab_key = (slice(None), *region_t) if len(lab_in.shape) == nd + 1 else region_t
                 lab = np.asarray(lab_in[lab_key])
+                if kind_of_labels == "instances":
+                    # what the model was trained on: boundaries / foreground / background
+                    from .data import instances_to_semantic
+
+                    mode = meta.get("boundary_mode", "thick")
+                    lab = instances_to_semantic(lab.astype(np.int64), mode)
                 masks = _label_masks(lab, n_out, shape)
             t = step(_STEPS[2], t)
 

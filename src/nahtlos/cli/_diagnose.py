@@ -59,6 +59,13 @@ def diagnose_command(
             help="Ground truth: one mask per output channel (C,[Z,]Y,X) or a class per pixel."
         ),
     ] = None,
+    label_kind: Annotated[
+        str,
+        typer.Option(
+            help="instances (object ids -> boundaries/foreground/background), semantic, or auto "
+            "(what the checkpoint was trained on)."
+        ),
+    ] = "auto",
     activation: Annotated[
         str | None,
         typer.Option(help="sigmoid, softmax or none (default: the model's, else sigmoid)."),
@@ -138,6 +145,7 @@ def diagnose_command(
         progress=progress,
         image_source=image if input_key is None else f"{image}:{input_key}",
         labels_source=labels,
+        label_kind=label_kind,
     )
     paths = report.write(out, overwrite=overwrite)
     typer.echo(report.verdict.headline)
