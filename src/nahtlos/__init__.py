@@ -17,6 +17,7 @@ from .errors import (
     NormError,
     ShapeMismatchError,
 )
+from .experiments import PRESETS, ExperimentError, Preset, reproduce
 from .geometry import Block, BlockGrid
 from .intensity import InputNormalization
 from .io import open_image
@@ -60,6 +61,7 @@ _install_monai_hook()
 
 __all__ = [
     "NORM_NAMES",
+    "PRESETS",
     "SYNTHETIC_DATASETS",
     "AutoGeometry",
     "BatchRenorm1d",
@@ -71,6 +73,7 @@ __all__ = [
     "ConfigError",
     "Culprit",
     "DiagnosisReport",
+    "ExperimentError",
     "FormatError",
     "IncompleteOutputError",
     "InputNormalization",
@@ -81,6 +84,7 @@ __all__ = [
     "NormError",
     "PatchSampler",
     "PredictionStats",
+    "Preset",
     "ReceptiveField",
     "ReceptiveFieldError",
     "RenormSchedule",
@@ -109,6 +113,7 @@ __all__ = [
     "predict_whole",
     "receptive_field",
     "recommend_halo",
+    "reproduce",
     "semantic_classes",
     "synthesize",
     "tile_mismatch",
