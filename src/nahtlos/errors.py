@@ -9,12 +9,14 @@ that does not know nahtlos.
 from __future__ import annotations
 
 __all__ = [
+    "BlockFailedError",
     "BlockShapeError",
     "FormatError",
     "IncompleteOutputError",
     "InputNotFoundError",
     "NahtlosError",
     "NahtlosWarning",
+    "SettingsError",
     "ShapeMismatchError",
 ]
 
@@ -41,6 +43,18 @@ class InputNotFoundError(NahtlosError, FileNotFoundError):
 
 class IncompleteOutputError(NahtlosError, RuntimeError):
     """An output exists but was not completely written (an interrupted run)."""
+
+
+class SettingsError(NahtlosError, ValueError):
+    """Settings of a run that contradict each other (e.g. uint8 output without activation)."""
+
+
+class BlockFailedError(NahtlosError, RuntimeError):
+    """Predicting a block failed (after its retries); ``block`` is its grid index."""
+
+    def __init__(self, message: str, block: tuple[int, ...] | None = None) -> None:
+        super().__init__(message)
+        self.block = block
 
 
 class NahtlosWarning(UserWarning):

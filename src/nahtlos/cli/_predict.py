@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..checkpoint import load_model
-from ..errors import BlockShapeError
-from ..geometry import BlockGrid
-from ..io import PendingOutput, check_output_path, open_image
-from ..predict import predict_blockwise, resolve_device
+from ..distributed import ACTIVATIONS, predict_file
+from ..intensity import InputNormalization
+from ..io import OUTPUT_DTYPES, check_output_path, open_source
 from ._common import cli_errors, fail, parse_ints
 
 
@@ -23,10 +22,16 @@ def register(app: typer.Typer) -> None:
 def predict(
     model: Annotated[Path, typer.Argument(help="TorchScript file (torch.jit.save).")],
     input: Annotated[
-        str, typer.Argument(help="Image: .tif/.tiff, .npy, .zarr, or file.h5:dataset.")
+        str,
+        typer.Argument(
+            help="Image: .tif/.tiff, .npy, .zarr (OME-Zarr 0.4/0.5), or file.h5:dataset."
+        ),
     ],
     output: Annotated[
-        Path, typer.Argument(help="Output: .zarr, .npy or .tif (float32, C,[Z,]Y,X).")
+        Path,
+        typer.Argument(
+            help="Output: .zarr (OME-Zarr 0.5, resumable) or .npy/.tif ((C,[Z,]Y,X) arrays)."
+        ),
     ],
     block: Annotated[
         str | None, typer.Option(help="Inner block shape per axis, e.g. 64,128,128 (or one value).")
@@ -40,16 +45,62 @@ def predict(
     input_key: Annotated[
         str | None, typer.Option(help="Dataset inside an HDF5 file or zarr group.")
     ] = None,
+    level: Annotated[
+        int, typer.Option(min=0, help="Resolution level of an OME-Zarr input (0 = full).")
+    ] = 0,
     ndim: Annotated[
         int | None,
         typer.Option(min=2, max=3, help="Spatial dimensions (default: from --block or the model)."),
     ] = None,
+    activation: Annotated[
+        str,
+        typer.Option(help="none, sigmoid or softmax on the output; auto: the model's metadata."),
+    ] = "auto",
+    output_dtype: Annotated[
+        str, typer.Option(help="float32, float16 or uint8 (probabilities x 255).")
+    ] = "float32",
+    segmentation: Annotated[
+        str,
+        typer.Option(help="Add labels/ to a .zarr output: none, threshold (per channel), argmax."),
+    ] = "none",
+    threshold: Annotated[float, typer.Option(help="Threshold of --segmentation threshold.")] = 0.5,
+    pyramid_levels: Annotated[
+        int | None,
+        typer.Option(min=0, help="Extra resolution levels of a .zarr output (default: auto)."),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on Dask: 'local' (a LocalCluster) or a scheduler address tcp://host:port."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes of --scheduler local.")
+    ] = None,
+    max_windows: Annotated[
+        int | None, typer.Option(min=1, help="At most this many windows in flight (memory bound).")
+    ] = None,
+    retries: Annotated[
+        int, typer.Option(min=0, help="Retries of a failed Dask task before the run stops.")
+    ] = 2,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted .zarr output, skipping finished blocks.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Predict INPUT block-wise with MODEL and write the raw model output to OUTPUT."""
-    out_path = check_output_path(output, overwrite)
-    image = open_image(input, input_key)
+    """Predict INPUT block-wise with MODEL and write the model output to OUTPUT."""
+    if resume and overwrite:
+        raise fail("--resume continues an output and --overwrite replaces it: choose one")
+    for name, value, allowed in (
+        ("activation", activation, ("auto", *ACTIVATIONS)),
+        ("output-dtype", output_dtype, OUTPUT_DTYPES),
+        ("segmentation", segmentation, ("none", "threshold", "argmax")),
+    ):
+        if value not in allowed:
+            raise fail(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+    out_path = check_output_path(output, overwrite, resume)
+    source = open_source(input, input_key, level=level)
     loaded = load_model(model, map_location="cpu")
     meta = loaded.metadata
     block_v = parse_ints(block, "block")
@@ -62,35 +113,44 @@ def predict(
     if ndim is None:
         ndim = len(block_v) if isinstance(block_v, tuple) else meta.get("ndim")
     if ndim is None:
-        ndim = len(image.shape) if len(image.shape) <= 3 else len(image.shape) - 1
-    if len(image.shape) not in (ndim, ndim + 1):
-        raise BlockShapeError(
-            f"image {input!r} has shape {tuple(image.shape)}, which does not fit a {ndim}D block; "
-            f"expected {ndim} spatial axes with an optional leading channel axis"
-        )
+        spatial = len(source.spatial_axes) if source.axes_known else 0
+        ndim = spatial if spatial in (2, 3) else min(len(source.shape), 3)
+    source.for_model(ndim)  # checks the image's axes fit the model before anything else
     if block_v is None:
         raise fail("--block is required for this model (e.g. --block 64,128,128)")
     if halo_v is None:
         raise fail("--halo is required for this model (the receptive-field radius, e.g. --halo 16)")
-    # Output chunks equal the blocks, so that no two blocks write the same chunk.
-    grid = BlockGrid(tuple(image.shape[-ndim:]), block_v, halo_v, align_v)
-    pending = PendingOutput(out_path, chunks=grid.block, overwrite=overwrite)
-    dev = resolve_device(device)
+    act: Any = meta.get("activation", "none") if activation == "auto" else activation
+    norm = meta.get("input_normalization")
     try:
-        predict_blockwise(
-            loaded.module,
-            image,
+        report = predict_file(
+            loaded,
+            source,
+            out_path,
             block_v,
             halo_v,
             align_v,
             ndim=ndim,
             batch_size=batch_size,
-            device=dev,
-            out=pending,
+            device=device,
+            activation=act,
+            normalization=None if norm is None else InputNormalization.from_dict(norm),
+            output_dtype=output_dtype,  # type: ignore[arg-type]
+            segmentation=None if segmentation == "none" else segmentation,  # type: ignore[arg-type]
+            threshold=threshold,
+            channel_names=meta.get("channels"),
+            pyramid_levels=pyramid_levels,
+            scheduler=scheduler,
+            workers=workers,
+            max_windows=max_windows,
+            retries=retries,
+            resume=resume,
+            overwrite=overwrite,
             progress=progress,
         )
-        final = pending.commit()
-    except BaseException:
-        pending.discard()
+    except KeyboardInterrupt:
+        if out_path.suffix.lower() == ".zarr" and out_path.exists():
+            typer.echo(f"nahtlos: {out_path} is incomplete; continue it with --resume", err=True)
         raise
-    typer.echo(f"wrote {final}")
+    done = f", {report.skipped} of {report.blocks} blocks already done" if report.skipped else ""
+    typer.echo(f"wrote {report.output} ({report.predicted} blocks predicted{done})")
