@@ -17,6 +17,9 @@ Usage::
 
     .venv/bin/python benchmarks/out_of_core.py                     # 16, 64, 256 Mi voxels
     .venv/bin/python benchmarks/out_of_core.py --sizes 64,256,1024 --dask-sizes 64
+
+With ``--repeat N`` every configuration runs N times; the table keeps the fastest
+prediction (the least disturbed by other load) and the largest peak memory.
 """
 
 from __future__ import annotations
@@ -209,6 +212,9 @@ def main() -> None:
     parser.add_argument("--dask-sizes", default="16", help="sizes also run on Dask")
     parser.add_argument("--workdir", default=None, help="where volumes go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated volumes")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per configuration; the fastest is kept"
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -243,7 +249,12 @@ def main() -> None:
                 if cores > 1:
                     runs += [(f"dask 1 worker x {cores} threads", "dask", 1)]
             for label, mode, workers in runs:
-                r = run_child(mode, model, volume, work / "out.zarr", workers)
+                tries = [
+                    run_child(mode, model, volume, work / "out.zarr", workers)
+                    for _ in range(args.repeat)
+                ]
+                r = min(tries, key=lambda t: t["predict"])
+                r["peak_rss"] = max(t["peak_rss"] for t in tries)
                 vox = float(np.prod(shape))
                 rows.append((label, size, shape, r, vox))
                 print(

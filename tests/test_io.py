@@ -18,7 +18,7 @@ from nahtlos import (
     save_image,
 )
 from nahtlos.errors import BlockShapeError, FormatError
-from nahtlos.io import check_output_path
+from nahtlos.io import ChunkCache, check_output_path
 
 UM = "micrometer"
 
@@ -276,3 +276,26 @@ def test_existing_non_nahtlos_zarr_is_not_resumed(tmp_path):
         PredictionStore.open(tmp_path / "other.zarr")
     with pytest.raises(FormatError, match=r"only \.zarr outputs"):
         check_output_path(tmp_path / "x.npy", resume=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_chunk_cache_reads_equal_direct_reads(data):
+    shape = data.draw(st.tuples(*(st.integers(1, 12) for _ in range(3))))
+    chunks = tuple(data.draw(st.integers(1, n)) for n in shape)
+    base = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    store = zarr.create_array(store={}, shape=shape, chunks=chunks, dtype=np.int32)
+    store[...] = base
+    capacity = data.draw(st.integers(1, 8))
+    cache = ChunkCache(store, capacity)
+    for _ in range(4):
+        key = []
+        for n in shape:
+            if data.draw(st.booleans()):
+                key.append(data.draw(st.integers(-n, n - 1)))
+            else:
+                a = data.draw(st.integers(0, n))
+                key.append(slice(a, data.draw(st.integers(a, n + 2))))
+        np.testing.assert_array_equal(cache[tuple(key)], base[tuple(key)])
+        assert len(cache._cache) <= capacity
+    np.testing.assert_array_equal(cache[...], base)

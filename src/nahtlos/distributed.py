@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +42,7 @@ from .errors import BlockFailedError, FormatError, SettingsError
 from .geometry import Block, BlockGrid
 from .intensity import InputNormalization, streaming_percentiles
 from .io import (
+    ChunkCache,
     ImageSource,
     OutputDtype,
     PendingOutput,
@@ -295,6 +296,7 @@ def predict_file(
     view = source.for_model(ndim)
     spatial_shape = view.shape[-ndim:]
     grid = BlockGrid(spatial_shape, block, halo, alignment, auto=auto)
+    read_view = _window_reader(source, ndim, grid.window_shape)
     channels_in = view.shape[0] if view.axes[0] == "c" else 1
     dev = resolve_device(device)
 
@@ -400,7 +402,7 @@ def predict_file(
             try:
                 predict_blockwise(
                     module,
-                    view.array,
+                    read_view.array,
                     grid.block,
                     grid.halo,
                     grid.alignment,
@@ -437,7 +439,7 @@ def predict_file(
 
         predict_blockwise(
             module,
-            view.array,
+            read_view.array,
             grid.block,
             grid.halo,
             grid.alignment,
@@ -533,6 +535,35 @@ def predict_file(
     )
 
 
+def _window_reader(source: ImageSource, ndim: int, window: tuple[int, ...]) -> ImageSource:
+    """The model's view of ``source``, reading through a cache of decoded chunks.
+
+    The cache holds the chunks of about two windows, enough for consecutive windows
+    to share the chunks they overlap; files without regular chunks are read directly.
+    """
+    chunks = getattr(source.array, "chunks", None)
+    if not (isinstance(chunks, tuple) and len(chunks) == len(source.shape)):
+        return source.for_model(ndim)
+    spatial = dict(zip(("z", "y", "x")[-ndim:], window, strict=True))
+    view = source.for_model(ndim)
+    extent = []
+    for axis, n in zip(source.axes, source.shape, strict=True):
+        if axis in spatial and axis in view.axes:
+            extent.append(spatial[axis])
+        elif view.axes[0] == "c" and axis in ("c", "s") and n == view.shape[0]:
+            extent.append(n)
+        else:
+            extent.append(1)
+    if not source.axes_known:  # the view guessed the axes: spatial ones are the last
+        extent = [*source.shape[: len(source.shape) - ndim], *window]
+    per_window = ChunkCache.chunks_per_window(extent, chunks)
+    chunk_bytes = math.prod(int(c) for c in chunks) * source.dtype.itemsize
+    if per_window * chunk_bytes > 1 << 30:  # a cache this large would cost more than it saves
+        return view
+    cached = replace(source, array=ChunkCache(source.array, 2 * per_window))
+    return cached.for_model(ndim)
+
+
 def _infer_ndim(block: int | Sequence[int], loaded: LoadedModel | None, source: ImageSource) -> int:
     if not isinstance(block, int):
         return len(tuple(block))
@@ -582,8 +613,6 @@ def _check_plan(path: Path, stored: dict[str, Any], plan: dict[str, Any]) -> Non
 
 
 def _replace_run_id(job: _Job, run_id: str) -> _Job:
-    from dataclasses import replace
-
     return replace(job, run_id=run_id)
 
 
@@ -733,13 +762,25 @@ def _worker_model(model_ref: Any, device: torch.device) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=8)
-def _image(path: str, key: str | None, level: int, ndim: int, stamp: tuple[int, int]) -> Any:
-    return open_source(path, key, level=level).for_model(ndim).array
+def _image(
+    path: str,
+    key: str | None,
+    level: int,
+    ndim: int,
+    stamp: tuple[int, int],
+    window: tuple[int, ...],
+) -> Any:
+    return _window_reader(open_source(path, key, level=level), ndim, window).array
 
 
 @functools.lru_cache(maxsize=8)
 def _store(path: str, run_id: str) -> PredictionStore:
     return PredictionStore.open(path)
+
+
+def _image_key(job: _Job) -> tuple[Any, ...]:
+    window = tuple(b + 2 * h for b, h in zip(job.block, job.halo, strict=True))
+    return job.input_path, job.input_key, job.level, job.ndim, job.input_stamp, window
 
 
 def _warm_workers(client: Any, job: _Job, model_ref: Any) -> None:
@@ -758,7 +799,7 @@ def _warm_task(job: _Job, model_ref: Any) -> None:
     _set_torch_threads(job.torch_threads)
     _worker_model(model_ref, resolve_device(job.device))
     with _LOCK:
-        _image(job.input_path, job.input_key, job.level, job.ndim, job.input_stamp)
+        _image(*_image_key(job))
 
 
 def _channels_task(job: _Job, model_ref: Any, channels_in: int) -> int:
@@ -781,7 +822,7 @@ def _predict_task(job: _Job, model_ref: Any, indices: list[tuple[int, ...]]) -> 
     dev = resolve_device(job.device)
     module = _worker_model(model_ref, dev)
     with _LOCK:
-        image = _image(job.input_path, job.input_key, job.level, job.ndim, job.input_stamp)
+        image = _image(*_image_key(job))
         store = _store(job.output, job.run_id)
     grid = BlockGrid(job.shape, job.block, job.halo, job.alignment)
     blocks = [grid[i] for i in indices]

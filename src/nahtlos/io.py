@@ -26,7 +26,9 @@ import json
 import math
 import os
 import shutil
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +48,7 @@ __all__ = [
     "INPUT_FORMATS",
     "OUTPUT_DTYPES",
     "OUTPUT_FORMATS",
+    "ChunkCache",
     "ImageSource",
     "PendingOutput",
     "PredictionStore",
@@ -285,6 +288,91 @@ class _AxesView:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[...]
         return out if dtype is None else out.astype(dtype)
+
+
+class ChunkCache:
+    """A read-through cache of decoded chunks, for reading overlapping windows.
+
+    Windows with a halo overlap their neighbours, and a chunked file decodes whole
+    chunks: reading the windows of a block plan one by one decodes each chunk up to
+    3**ndim times. This wrapper keeps the ``capacity`` chunks read last (least
+    recently used go first), so that consecutive windows along the last axis decode
+    only the chunks they do not share. Thread-safe; memory is bounded by
+    ``capacity`` chunks.
+
+    Parameters
+    ----------
+    array
+        An array-like with a regular ``chunks`` tuple (zarr, h5py, tifffile's zarr).
+    capacity
+        Chunks to keep.
+    """
+
+    def __init__(self, array: Any, capacity: int) -> None:
+        self.array = array
+        self.shape = tuple(int(s) for s in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self.capacity = max(1, int(capacity))
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def chunks_per_window(window: Sequence[int], chunks: Sequence[int]) -> int:
+        """The most chunks a window of shape ``window`` can touch."""
+        return math.prod(-(-w // c) + 1 for w, c in zip(window, chunks, strict=True))
+
+    def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.get(index)
+            if hit is not None:
+                self._cache.move_to_end(index)
+                return hit
+        key = tuple(
+            slice(i * c, min((i + 1) * c, n))
+            for i, c, n in zip(index, self.chunks, self.shape, strict=True)
+        )
+        data = np.asarray(self.array[key])
+        with self._lock:
+            self._cache[index] = data
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return data
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = next(i for i, k in enumerate(key) if k is Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        bounds: list[tuple[int, int]] = []
+        squeeze: list[int] = []
+        for axis, (k, n) in enumerate(zip(key, self.shape, strict=True)):
+            if isinstance(k, int | np.integer):
+                i = int(k) + n if k < 0 else int(k)
+                bounds.append((i, i + 1))
+                squeeze.append(axis)
+            elif isinstance(k, slice) and k.step in (None, 1):
+                start, stop, _ = k.indices(n)
+                bounds.append((start, max(start, stop)))
+            else:  # fancy or strided indexing: not worth caching
+                return np.asarray(self.array[key])
+        out = np.empty([b - a for a, b in bounds], self.dtype)
+        ranges = [
+            range(a // c, (b - 1) // c + 1) if b > a else range(0)
+            for (a, b), c in zip(bounds, self.chunks, strict=True)
+        ]
+        for index in itertools.product(*ranges):
+            chunk = self._chunk(index)
+            src, dst = [], []
+            for i, c, (a, b) in zip(index, self.chunks, bounds, strict=True):
+                lo, hi = max(a, i * c), min(b, (i + 1) * c)
+                src.append(slice(lo - i * c, hi - i * c))
+                dst.append(slice(lo - a, hi - a))
+            out[tuple(dst)] = chunk[tuple(src)]
+        return out.squeeze(axis=tuple(squeeze)) if squeeze else out
 
 
 # --------------------------------------------------------------------------- readers
