@@ -390,3 +390,15 @@ def test_segmentation_needs_zarr(model_file, volume, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "needs a .zarr output" in result.output
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_cli_starts_a_local_cluster(model_file, volume, tmp_path):
+    path, _ = volume
+    base = ["predict", str(model_file), str(path)]
+    out, ref = tmp_path / "local.zarr", tmp_path / "ref.zarr"
+    result = runner.invoke(
+        app, [*base, str(out), *CLI_ARGS, "--scheduler", "local", "--workers", "1", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, [*base, str(ref), *CLI_ARGS, "--no-progress"]).exit_code == 0
+    _assert_identical(out, ref)

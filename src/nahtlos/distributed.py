@@ -497,18 +497,8 @@ def predict_file(
         else:
             # shipped once to every worker and kept there, not pickled per task
             model_ref = client.scatter(module, broadcast=True, hash=False)
-        _warm_workers(client, job, model_ref)
+        channels_out = _warm_workers(client, job, model_ref, channels_in, grid.window_shape)
         if store is None:
-            probe = client.submit(
-                _channels_task, job, model_ref, channels_in, pure=False, retries=retries
-            )
-            try:
-                channels_out = int(probe.result())
-            except Exception as exc:
-                raise BlockFailedError(
-                    f"the model failed on a {grid.window_shape} window on a Dask worker: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
             store = create_store((channels_out, *spatial_shape))
         job = _replace_run_id(job, str(store.plan.get("run_id", "")))
         phase("startup")
@@ -783,32 +773,56 @@ def _image_key(job: _Job) -> tuple[Any, ...]:
     return job.input_path, job.input_key, job.level, job.ndim, job.input_stamp, window
 
 
-def _warm_workers(client: Any, job: _Job, model_ref: Any) -> None:
-    """Load the model and open the input on every worker before the blocks are sent."""
+def _warm_workers(
+    client: Any, job: _Job, model_ref: Any, channels_in: int, window: tuple[int, ...]
+) -> int:
+    """Load the model, open the input and run one window of zeros on every worker.
+
+    Returns the model's output channels. A worker that cannot warm up is left alone
+    (its tasks will fail and be retried elsewhere); if none can, the run stops here,
+    before the output is created.
+    """
     workers = list(client.scheduler_info().get("workers", {}))
     futures = [
         client.submit(
-            _warm_task, job, model_ref, workers=[w], allow_other_workers=False, pure=False
+            _warm_task,
+            job,
+            model_ref,
+            channels_in,
+            workers=[w],
+            allow_other_workers=False,
+            pure=False,
         )
         for w in workers
     ]
-    client.gather(futures, errors="skip")  # a worker that cannot warm up fails its tasks later
+    first: BaseException | None = None
+    channels: int | None = None
+    for future in futures:
+        try:
+            channels = int(future.result())
+        except Exception as exc:
+            first = first or exc
+    if channels is None:
+        raise BlockFailedError(
+            f"the model failed on a {window} window of zeros on every Dask worker: "
+            f"{type(first).__name__}: {first}"
+        ) from first
+    return channels
 
 
-def _warm_task(job: _Job, model_ref: Any) -> None:
-    _set_torch_threads(job.torch_threads)
-    _worker_model(model_ref, resolve_device(job.device))
-    with _LOCK:
-        _image(*_image_key(job))
+def _warm_task(job: _Job, model_ref: Any, channels_in: int) -> int:
+    """Prepare a worker: threads, model, input; returns the model's output channels.
 
-
-def _channels_task(job: _Job, model_ref: Any, channels_in: int) -> int:
-    """Output channels of the model, from one window of zeros (run on a worker)."""
+    The forward pass on zeros also makes the first real window as fast as the rest
+    (kernel selection, TorchScript profiling, CUDA context).
+    """
     _set_torch_threads(job.torch_threads)
     dev = resolve_device(job.device)
     module = _worker_model(model_ref, dev)
+    with _LOCK:
+        _image(*_image_key(job))
     window = tuple(b + 2 * h for b, h in zip(job.block, job.halo, strict=True))
-    x = torch.zeros((1, channels_in, *window))
+    x = torch.zeros((job.batch_size, channels_in, *window))
     if isinstance(module, torch.nn.Module):
         module.to(dev)
     with torch.inference_mode():
