@@ -1,6 +1,6 @@
 """Out-of-core and distributed prediction: peak memory and throughput against volume size.
 
-For volumes of increasing size generated on disk (OME-Zarr 0.5, uint16, 128³ chunks),
+For volumes of increasing size generated on disk (OME-Zarr 0.5, uint16, 64³ chunks),
 ``nahtlos.predict_file`` predicts OME-Zarr → OME-Zarr (global input percentiles,
 sigmoid, float16 output with its pyramid) with a small 3D U-Net. Peers, measured in
 the same run:
@@ -15,8 +15,8 @@ whole process tree (driver, Dask scheduler, nannies and workers), sampled every 
 
 Usage::
 
-    .venv/bin/python benchmarks/out_of_core.py                     # 16, 64, 256 Mi voxels
-    .venv/bin/python benchmarks/out_of_core.py --sizes 64,256,1024 --dask-sizes 64
+    .venv/bin/python benchmarks/out_of_core.py                       # 64, 256, 1024 Mi voxels
+    .venv/bin/python benchmarks/out_of_core.py --sizes 16,64 --dask-sizes 16  # a quick look
 
 With ``--repeat N`` every configuration runs N times; the table keeps the fastest
 prediction (the least disturbed by other load) and the largest peak memory.
@@ -54,7 +54,7 @@ def volume_shape(mi_voxels: int) -> tuple[int, int, int]:
 
 
 def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
-    """Smooth blobs plus noise, uint16, written chunk by chunk (never whole in memory)."""
+    """Smooth blobs plus noise, uint16, 64³ chunks, written chunk by chunk."""
     import dask.array as da
 
     from nahtlos import save_image
@@ -69,10 +69,10 @@ def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
         return np.clip(1000 + 800 * blobs + noise, 0, 65535).astype(np.uint16)
 
     lazy = da.map_blocks(
-        chunk, chunks=tuple((min(128, s),) * (s // min(128, s)) for s in shape), dtype=np.uint16
+        chunk, chunks=tuple((min(64, s),) * (s // min(64, s)) for s in shape), dtype=np.uint16
     )
     save_image(
-        path, lazy, axes="zyx", scale=(1.0, 0.5, 0.5), units=("micrometer",) * 3, chunks=(128,) * 3
+        path, lazy, axes="zyx", scale=(1.0, 0.5, 0.5), units=("micrometer",) * 3, chunks=(64,) * 3
     )
 
 
@@ -213,8 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default="16,64,256", help="volume sizes in Mi voxels")
-    parser.add_argument("--dask-sizes", default="16", help="sizes also run on Dask")
+    parser.add_argument("--sizes", default="64,256,1024", help="volume sizes in Mi voxels")
+    parser.add_argument("--dask-sizes", default="64", help="sizes also run on Dask")
     parser.add_argument("--workdir", default=None, help="where volumes go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated volumes")
     parser.add_argument(

@@ -528,14 +528,17 @@ def predict_file(
 def _window_reader(source: ImageSource, ndim: int, window: tuple[int, ...]) -> ImageSource:
     """The model's view of ``source``, reading through a cache of decoded chunks.
 
-    The cache holds the chunks of about two windows, enough for consecutive windows
-    to share the chunks they overlap; files without regular chunks are read directly.
+    The cache holds the chunks of one window plus two columns of chunks along the
+    last axis: consecutive windows (blocks go in grid order, the last axis fastest)
+    then decode only the chunks they do not share with the window before, even with
+    two windows read at once. It is bounded by 256 MiB; files without regular chunks
+    are read directly.
     """
     chunks = getattr(source.array, "chunks", None)
-    if not (isinstance(chunks, tuple) and len(chunks) == len(source.shape)):
-        return source.for_model(ndim)
-    spatial = dict(zip(("z", "y", "x")[-ndim:], window, strict=True))
     view = source.for_model(ndim)
+    if not (isinstance(chunks, tuple) and len(chunks) == len(source.shape)):
+        return view
+    spatial = dict(zip(("z", "y", "x")[-ndim:], window, strict=True))
     extent = []
     for axis, n in zip(source.axes, source.shape, strict=True):
         if axis in spatial and axis in view.axes:
@@ -547,11 +550,12 @@ def _window_reader(source: ImageSource, ndim: int, window: tuple[int, ...]) -> I
     if not source.axes_known:  # the view guessed the axes: spatial ones are the last
         extent = [*source.shape[: len(source.shape) - ndim], *window]
     per_window = ChunkCache.chunks_per_window(extent, chunks)
+    column = per_window // (-(-extent[-1] // int(chunks[-1])) + 1)
     chunk_bytes = math.prod(int(c) for c in chunks) * source.dtype.itemsize
-    if per_window * chunk_bytes > 1 << 30:  # a cache this large would cost more than it saves
+    capacity = min(per_window + 2 * column, (256 << 20) // max(chunk_bytes, 1))
+    if capacity < per_window:  # too little room to share anything: read directly
         return view
-    cached = replace(source, array=ChunkCache(source.array, 2 * per_window))
-    return cached.for_model(ndim)
+    return replace(source, array=ChunkCache(source.array, capacity)).for_model(ndim)
 
 
 def _infer_ndim(block: int | Sequence[int], loaded: LoadedModel | None, source: ImageSource) -> int:
