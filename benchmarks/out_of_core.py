@@ -265,7 +265,7 @@ def main() -> None:
             tries: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in runs}
             for _ in range(args.repeat):
                 for label, mode, workers in runs:
-                    t = run_child(mode, model, volume, work / "out.zarr", workers)
+                    t = run_child(mode, model, volume, work / "out.ome.zarr", workers)
                     tries[label].append(t)
                     print(
                         f"# {label:28s} {size:5d} Mi: predict {t['predict']:.1f} s, total "

@@ -80,7 +80,9 @@ def client():
 
 
 def _levels(path: Path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(path, mode="r")
+    group = zarr.open(path, mode="r")
+    if isinstance(group, zarr.Array):  # a plain .zarr output
+        return {"s0": np.asarray(group[...])}
     arrays = {}
     for name in ("s0", "s1", "labels/argmax/s0", "labels/c0/s0", "labels/c1/s0"):
         if name in group:
@@ -99,7 +101,7 @@ def _assert_identical(a: Path, b: Path) -> None:
 def test_zarr_to_zarr_equals_in_memory(model_file, volume, tmp_path):
     path, data = volume
     norm = InputNormalization("global")
-    out = tmp_path / "pred.zarr"
+    out = tmp_path / "pred.ome.zarr"
     report = predict_file(
         model_file,
         path,
@@ -155,12 +157,14 @@ def test_dask_local_cluster_equals_in_process(client, model_file, volume, tmp_pa
         pyramid_levels=1,
         progress=False,
     )
-    local = predict_file(model_file, path, tmp_path / "local.zarr", BLOCK, HALO, ALIGN, **common)
+    local = predict_file(
+        model_file, path, tmp_path / "local.ome.zarr", BLOCK, HALO, ALIGN, **common
+    )
     dask = predict_file(
-        model_file, path, tmp_path / "dask.zarr", BLOCK, HALO, ALIGN, scheduler=client, **common
+        model_file, path, tmp_path / "dask.ome.zarr", BLOCK, HALO, ALIGN, scheduler=client, **common
     )
     assert dask.scheduler.startswith("tcp://") and dask.predicted == local.predicted == 18
-    _assert_identical(tmp_path / "local.zarr", tmp_path / "dask.zarr")
+    _assert_identical(tmp_path / "local.ome.zarr", tmp_path / "dask.ome.zarr")
     # each worker process loaded the TorchScript file at most once, for all its tasks
     loads = client.run(
         lambda: __import__("nahtlos.distributed").distributed._model_from_file.cache_info().misses
@@ -257,6 +261,7 @@ def test_ctrl_c_then_resume_is_bit_identical(model_file, volume, tmp_path):
         predict_file(loaded, path, out, BLOCK, 8, ALIGN, resume=True, **common)
     report = predict_file(loaded, path, out, BLOCK, HALO, ALIGN, resume=True, **common)
     assert report.skipped == done and report.predicted == total - done
+    assert not PredictionStore.blocks_path(out).exists()  # the record of blocks is gone
     predict_file(loaded, path, tmp_path / "ref.zarr", BLOCK, HALO, ALIGN, **common)
     _assert_identical(out, tmp_path / "ref.zarr")
     again = predict_file(loaded, path, out, BLOCK, HALO, ALIGN, resume=True, **common)
@@ -339,7 +344,7 @@ def test_killed_process_resumes_bit_identical(model_file, volume, tmp_path):
 @on_cluster
 def test_cli_dask_address_and_segmentation(client, model_file, volume, tmp_path):
     path, _ = volume
-    out = tmp_path / "cli.zarr"
+    out = tmp_path / "cli.ome.zarr"
     args = [
         *CLI_ARGS,
         "--activation",
@@ -355,7 +360,7 @@ def test_cli_dask_address_and_segmentation(client, model_file, volume, tmp_path)
         app, ["predict", str(model_file), str(path), str(out), *args, "--scheduler", address]
     )
     assert result.exit_code == 0, result.output
-    ref = tmp_path / "ref.zarr"
+    ref = tmp_path / "ref.ome.zarr"
     result = runner.invoke(app, ["predict", str(model_file), str(path), str(ref), *args])
     assert result.exit_code == 0, result.output
     _assert_identical(out, ref)
@@ -385,11 +390,15 @@ def test_cli_settings_errors_leave_nothing(model_file, volume, tmp_path, extra, 
 
 def test_segmentation_needs_zarr(model_file, volume, tmp_path):
     path, _ = volume
-    out = tmp_path / "o.npy"
-    args = ["predict", str(model_file), str(path), str(out), *CLI_ARGS, "--segmentation", "argmax"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "needs a .zarr output" in result.output
-    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    for name in ("o.npy", "o.zarr"):
+        out = tmp_path / name
+        args = [
+            *("predict", str(model_file), str(path), str(out), *CLI_ARGS),
+            *("--segmentation", "argmax"),
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "name the output o.ome.zarr" in result.output
+        assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
 def test_cli_starts_a_local_cluster(model_file, volume, tmp_path):

@@ -151,7 +151,7 @@ def _filled_store(path, data, block, **kwargs):
 
 def test_store_incomplete_until_finalized(tmp_path):
     data = np.random.default_rng(3).random((2, 9, 20, 14), dtype=np.float32)
-    path = tmp_path / "pred.zarr"
+    path = tmp_path / "pred.ome.zarr"
     store, grid = _filled_store(path, data, (4, 8, 8), plan={"x": 1})
     blocks = list(grid)
     for blk in blocks[:-1]:
@@ -180,9 +180,9 @@ def test_store_chunks_are_blocks_and_dtypes(tmp_path):
     probs = rng.random((3, 10, 17), dtype=np.float32)
     probs[0, 0, :3] = (0.0, 1.0, 0.5 / 255)  # exact ends and a rounding tie
     for dtype in ("float32", "float16", "uint8"):
-        path = tmp_path / f"{dtype}.zarr"
-        store, grid = _filled_store(path, probs, (8, 8), dtype=dtype, pyramid_levels=0)
-        assert zarr.open_group(path)["s0"].chunks == (3, 8, 8)
+        path = tmp_path / f"{dtype}.zarr"  # a plain array
+        store, grid = _filled_store(path, probs, (8, 8), dtype=dtype)
+        assert zarr.open_array(path).chunks == (3, 8, 8)
         for blk in grid:
             store.write_block(blk, probs[(slice(None), *blk.inner)])
         store.finalize()
@@ -203,7 +203,7 @@ def test_ome_zarr_output_reader_pyramid_and_labels(tmp_path, block):
 
     rng = np.random.default_rng(5)
     probs = rng.random((3, 8, 40, 36), dtype=np.float32)
-    path = tmp_path / "pred.zarr"
+    path = tmp_path / "pred.ome.zarr"
     store, grid = _filled_store(
         path,
         probs,
@@ -230,7 +230,7 @@ def test_ome_zarr_output_reader_pyramid_and_labels(tmp_path, block):
         ("x", "space"),
     ]
     assert [a.get("unit") for a in axes] == [None, UM, UM, UM]
-    assert image.metadata["name"] == "pred.zarr"
+    assert image.metadata["name"] == "pred.ome.zarr"
     shapes = [tuple(d.shape) for d in image.data]
     # z (2 µm) is coarser than y, x (0.25 µm): halved only once they reach it
     assert shapes == [(3, 8, 40, 36), (3, 8, 20, 18), (3, 8, 10, 9)]
@@ -260,7 +260,7 @@ def test_ome_zarr_output_reader_pyramid_and_labels(tmp_path, block):
 
 def test_threshold_labels(tmp_path):
     probs = np.random.default_rng(6).random((2, 12, 10), dtype=np.float32)
-    path = tmp_path / "pred.zarr"
+    path = tmp_path / "pred.ome.zarr"
     store, grid = _filled_store(path, probs, (8, 8), segmentation="threshold", threshold=0.3)
     for blk in grid:
         store.write_block(blk, probs[(slice(None), *blk.inner)])
@@ -268,6 +268,35 @@ def test_threshold_labels(tmp_path):
     for c in range(2):
         got = open_image(f"{path}:labels/c{c}")[...]
         np.testing.assert_array_equal(got, (probs[c] > 0.3).astype(np.uint8))
+
+
+def test_plain_zarr_output_is_an_array_with_axes_and_scale(tmp_path):
+    probs = np.random.default_rng(8).random((2, 9, 20, 14), dtype=np.float32)
+    path = tmp_path / "pred.zarr"
+    store, grid = _filled_store(path, probs, (4, 8, 8), scale=(3.0, 0.5, 0.5), units=(UM,) * 3)
+    blocks = list(grid)
+    for blk in blocks[:3]:
+        store.write_block(blk, probs[(slice(None), *blk.inner)])
+    assert PredictionStore.blocks_path(path).exists()
+    with pytest.raises(IncompleteOutputError, match=f"3 of {len(blocks)}"):
+        open_image(path)
+    with pytest.raises(FormatError, match="interrupted run"):
+        check_output_path(path)
+    again = PredictionStore.open(path)
+    assert again.progress() == (3, len(blocks))
+    for blk in blocks[3:]:
+        again.write_block(blk, probs[(slice(None), *blk.inner)])
+    again.finalize()
+    assert not PredictionStore.blocks_path(path).exists()
+    arr = zarr.open_array(path, mode="r")  # any zarr reader sees one array
+    np.testing.assert_array_equal(arr[...], probs)
+    src = open_source(path)
+    assert src.axes == ("c", "z", "y", "x") and src.scale == (1.0, 3.0, 0.5, 0.5)
+    assert src.units == (None, UM, UM, UM)
+    with pytest.raises(FormatError, match=r"name it pred\.ome\.zarr"):
+        PredictionStore.create(
+            tmp_path / "x" / "pred.zarr", shape=(2, 4, 4), block=(4, 4), segmentation="argmax"
+        )
 
 
 def test_existing_non_nahtlos_zarr_is_not_resumed(tmp_path):

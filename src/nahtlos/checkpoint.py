@@ -1,43 +1,270 @@
-"""Loading models for prediction: TorchScript files, with optional nahtlos metadata.
+"""Loading and saving models: TorchScript files and the project's own checkpoints.
 
-A TorchScript file may carry a ``nahtlos.json`` extra file (``torch.jit.save(...,
-_extra_files={"nahtlos.json": ...})``) with prediction settings such as ``ndim``,
-``in_channels``, ``halo``, ``alignment`` and ``activation``; they are returned as
-metadata and used by the command line when the user leaves them out.
+**TorchScript.** A TorchScript file may carry a ``nahtlos.json`` extra file
+(``torch.jit.save(..., _extra_files={"nahtlos.json": ...})``) with prediction settings
+such as ``ndim``, ``in_channels``, ``halo``, ``alignment`` and ``activation``; they are
+returned as metadata and used by the command line when the user leaves them out.
+
+**Project checkpoints** (written by ``nahtlos train``) are single files saved with
+:func:`torch.save` and read back with ``torch.load(weights_only=True)`` (no code is
+unpickled): a dictionary of tensors and plain Python values,
+
+=================  ==========================================================
+``format``         ``"nahtlos.checkpoint"``
+``version``        format version (1)
+``nahtlos``        the nahtlos version that wrote it
+``config``         the full training configuration (:class:`~nahtlos.config.TrainingConfig`
+                   as JSON-able dict); the network is rebuilt from ``config["model"]``
+``model``          the network's ``state_dict``
+``optimizer``      the optimizer's ``state_dict`` (``None`` in converted checkpoints)
+``schedule``       the BatchRenorm schedule's ``state_dict`` (or ``None``)
+``step``           optimizer steps done
+``rng``            random states: ``torch`` (ByteTensor), ``cuda`` (list of ByteTensors),
+                   ``numpy`` (legacy global state as plain values), ``python``
+``sampler``        the patch sampler's state (its numpy generator)
+``prediction``     what prediction needs, also returned by :func:`load_model` as
+                   metadata: ``arch``, ``norm``, ``ndim``, ``in_channels``,
+                   ``out_channels``, ``classes``, ``labels`` (``instances``: ground
+                   truth is converted by :func:`nahtlos.data.instances_to_semantic`
+                   with ``boundary_mode``; ``semantic``: class indices),
+                   ``activation`` (``sigmoid`` or
+                   ``softmax``), ``halo`` and ``alignment`` (per axis), ``block``
+                   (a suggested inner block), ``window`` (UNETR: its fixed input
+                   window, else ``None``), ``input_normalization``
+                   (:meth:`~nahtlos.intensity.InputNormalization.to_dict`, fitted
+                   again on every image predicted) and ``tile_dependent``
+=================  ==========================================================
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import warnings
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import FormatError, InputNotFoundError
 
-__all__ = ["LoadedModel", "load_model", "save_torchscript"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LoadedModel",
+    "capture_rng_state",
+    "convert_checkpoint",
+    "is_checkpoint",
+    "load_model",
+    "read_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_torchscript",
+]
 
 METADATA_FILE = "nahtlos.json"
+CHECKPOINT_FORMAT = "nahtlos.checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for prediction and what is known about it."""
+    """A model ready for prediction and what is known about it.
+
+    ``kind`` is ``"torchscript"`` or ``"checkpoint"`` (a project checkpoint).
+    """
 
     module: torch.nn.Module
     path: Path
     kind: str
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def input_transform(
+        self, image: Any, ndim: int, progress: bool = False
+    ) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The model's input normalization, fitted on ``image`` (global percentiles
+        are computed once, out of core), or ``None`` if the metadata names none."""
+        spec = self.metadata.get("input_normalization")
+        if not spec:
+            return None
+        from .intensity import InputNormalization
+
+        norm = InputNormalization.from_dict({**spec, "values": None})
+        if norm.mode == "global":
+            channels = len(image.shape) == ndim + 1
+            norm.fit(image, channel_axis=0 if channels else None, progress=progress)
+        return norm
+
+    def output_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The activation named by the metadata (``sigmoid``/``softmax``), else ``None``."""
+        name = self.metadata.get("activation")
+        if name in (None, "none", "identity"):
+            return None
+        if name == "sigmoid":
+            return torch.sigmoid
+        if name == "softmax":
+            return _softmax_channels
+        raise FormatError(
+            f"model {str(self.path)!r} names the activation {name!r}; "
+            "nahtlos knows sigmoid, softmax and none"
+        )
+
+
+def _softmax_channels(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x, dim=1)
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is a :func:`torch.save` archive (a project checkpoint) rather than
+    a TorchScript one (which holds ``code/`` and ``constants.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    scripted = any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+    return not scripted and any(n.endswith("data.pkl") for n in names)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a project checkpoint safely (``weights_only``) and check its format.
+
+    Raises
+    ------
+    InputNotFoundError
+        If the file does not exist.
+    FormatError
+        If it is not a nahtlos checkpoint, or of a newer format version.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FormatError(
+            f"cannot read checkpoint {str(p)!r} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise FormatError(
+            f"{str(p)!r} is a torch file but not a nahtlos checkpoint (no format "
+            f"{CHECKPOINT_FORMAT!r}); for a plain model use TorchScript (torch.jit.save)"
+        )
+    if int(state.get("version", 0)) > CHECKPOINT_VERSION:
+        raise FormatError(
+            f"checkpoint {str(p)!r} has format version {state['version']}; this nahtlos "
+            f"reads up to {CHECKPOINT_VERSION}: upgrade nahtlos"
+        )
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The torch, CUDA, numpy (global) and Python random states, as safe-to-load values.
+
+    The legacy global numpy state is included because third-party code (MONAI,
+    scikit-image) may draw from it.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    legacy = (kind, np.asarray(keys, np.uint32), pos, has_gauss, cached)
+    np.random.set_state(legacy)  # noqa: NPY002
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    config: dict[str, Any],
+    model: torch.nn.Module,
+    prediction: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    schedule: Any = None,
+    step: int = 0,
+    sampler: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
+) -> Path:
+    """Write a project checkpoint atomically (a temporary file moved into place).
+
+    Parameters
+    ----------
+    config
+        The training configuration as a JSON-able dict.
+    model
+        The network (its ``state_dict`` is saved).
+    prediction
+        Prediction metadata (see the module docstring).
+    optimizer, schedule, step, sampler, rng
+        Training state for resuming; ``rng`` defaults to the current random states.
+    """
+    from . import __version__
+
+    p = Path(path)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "nahtlos": __version__,
+        "config": config,
+        "model": model.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "schedule": None if schedule is None else schedule.state_dict(),
+        "step": int(step),
+        "rng": capture_rng_state() if rng is None else rng,
+        "sampler": sampler,
+        "prediction": prediction,
+    }
+    tmp = p.with_name(f".{p.name}.partial")
+    torch.save(state, tmp)
+    os.replace(tmp, p)
+    return p
+
+
+def _load_project_checkpoint(p: Path, map_location: str | torch.device) -> LoadedModel:
+    from .config import validate_config
+    from .models import model_from_config
+
+    state = read_checkpoint(p)
+    config = validate_config(state["config"], f"in checkpoint {str(p)!r}")
+    meta = dict(state.get("prediction") or {})
+    window = meta.get("window")
+    module = model_from_config(config.model, config.out_channels, window or config.data.patch)
+    try:
+        module.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise FormatError(
+            f"checkpoint {str(p)!r}: the weights do not fit the network its configuration "
+            f"describes ({str(exc).splitlines()[0]})"
+        ) from exc
+    module.to(map_location).eval()
+    meta.setdefault("step", int(state.get("step", 0)))
+    return LoadedModel(module=module, path=p, kind="checkpoint", metadata=meta)
+
 
 def load_model(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> LoadedModel:
-    """Load a TorchScript model (with its nahtlos metadata, if any), in eval mode.
+    """Load a TorchScript model or a project checkpoint, in eval mode.
+
+    A project checkpoint's network is rebuilt from its configuration; its
+    ``prediction`` entry is returned as metadata (kind ``"checkpoint"``).
 
     Raises
     ------
@@ -49,6 +276,8 @@ def load_model(
     p = Path(path)
     if not p.is_file():
         raise InputNotFoundError(f"model {str(p)!r} does not exist")
+    if is_checkpoint(p):
+        return _load_project_checkpoint(p, map_location)
     extra = {METADATA_FILE: ""}
     try:
         with warnings.catch_warnings():
@@ -57,7 +286,8 @@ def load_model(
             module = torch.jit.load(str(p), map_location=map_location, _extra_files=extra)
     except Exception as exc:
         raise FormatError(
-            f"cannot load model {str(p)!r}: not a TorchScript file saved with torch.jit.save "
+            f"cannot load model {str(p)!r}: not a TorchScript file saved with torch.jit.save, "
+            f"nor a nahtlos checkpoint "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc
     raw = extra[METADATA_FILE]
@@ -86,3 +316,70 @@ def save_torchscript(
     finally:
         model.train(was_training)
     return Path(path)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str] | LoadedModel,
+    dst: str | os.PathLike[str],
+    to: str,
+    **kwargs: Any,
+) -> Path:
+    """Convert the norm layers of a project checkpoint and write a new checkpoint.
+
+    The network is rebuilt, converted with :func:`nahtlos.norms.convert_norms` (affine
+    parameters and, where both kinds have them, running statistics are kept) and saved
+    with ``model.norm`` set to ``to`` and updated prediction metadata. The new file is a
+    starting point for fine-tuning: its step is 0 and it has no optimizer or schedule
+    state, so ``nahtlos train --resume NEW.pt --set train.steps=N`` fine-tunes for N
+    steps with a fresh BatchRenorm schedule. It is used by ``nahtlos convert``.
+
+    Parameters
+    ----------
+    src
+        A checkpoint path, or one loaded with :func:`load_model`.
+    dst
+        Where to write the converted checkpoint.
+    to
+        Target norm name (:data:`nahtlos.norms.NORM_NAMES`).
+    **kwargs
+        Options of the new layers; the momentum defaults to the configuration's.
+    """
+    from .config import validate_config
+    from .norms import convert_norms
+    from .train import prediction_metadata
+
+    loaded = src if isinstance(src, LoadedModel) else load_model(src)
+    if loaded.kind != "checkpoint":
+        raise FormatError(f"{str(loaded.path)!r} is not a nahtlos checkpoint")
+    state = read_checkpoint(loaded.path)
+    config = validate_config(state["config"], f"in checkpoint {str(loaded.path)!r}")
+    if to in ("batch", "instance_running", "batchrenorm"):
+        kwargs.setdefault("momentum", config.model.momentum)
+    if to == "group" and config.model.groups is not None:
+        kwargs.setdefault("num_groups", config.model.groups)
+    module = convert_norms(loaded.module, to, ndim=config.model.ndim, **kwargs)
+    new = config.model_copy(deep=True)
+    new.model.norm = to
+    return save_checkpoint(
+        dst,
+        config=new.model_dump(mode="json"),
+        model=module,
+        prediction=prediction_metadata(new, module),
+        step=0,
+        sampler=state.get("sampler"),
+        rng=state["rng"],
+    )
+
+
+def _convert_loaded(loaded: Any, dst: Path, to: str, kwargs: dict[str, Any]) -> Path:
+    return convert_checkpoint(loaded, dst, to, **kwargs)
+
+
+def _register_converter() -> None:
+    # `nahtlos convert` dispatches on LoadedModel.kind through this registry
+    from .norms import FILE_CONVERTERS
+
+    FILE_CONVERTERS["checkpoint"] = _convert_loaded
+
+
+_register_converter()

@@ -28,6 +28,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import LoadedModel, load_model
-from .errors import BlockFailedError, FormatError, SettingsError
+from .errors import BlockFailedError, FormatError, NahtlosWarning, SettingsError
 from .geometry import Block, BlockGrid
 from .intensity import InputNormalization, streaming_percentiles
 from .io import (
@@ -252,10 +253,10 @@ def predict_file(
             "uint8 output stores probabilities in [0, 1] scaled by 255, but the activation is "
             "'none'; choose --activation sigmoid or softmax, or --output-dtype float16/float32"
         )
-    if segmentation is not None and not zarr_out:
+    if segmentation is not None and not PredictionStore.is_ome(out_path):
         raise SettingsError(
-            f"segmentation needs a .zarr output (OME-Zarr labels); {str(out_path)!r} is "
-            f"{out_path.suffix}"
+            f"segmentation is written as OME-Zarr labels: name the output "
+            f"{out_path.stem.removesuffix('.ome')}.ome.zarr instead of {out_path.name}"
         )
     if scheduler is not None and not zarr_out:
         raise SettingsError(
@@ -368,6 +369,15 @@ def predict_file(
     translation = tuple(view.translation[-ndim:])
 
     def create_store(shape: tuple[int, ...]) -> PredictionStore:
+        names = list(channel_names) if channel_names else None
+        if names is not None and len(names) != shape[0]:
+            warnings.warn(
+                f"{len(names)} channel names ({', '.join(names)}) for a model with {shape[0]} "
+                "output channels: the channels are called c0, c1, ... instead",
+                NahtlosWarning,
+                stacklevel=3,
+            )
+            names = None
         return PredictionStore.create(
             out_path,
             shape=shape,
@@ -377,7 +387,7 @@ def predict_file(
             scale=scale,
             units=units,
             translation=translation,
-            channel_names=channel_names,
+            channel_names=names,
             segmentation=segmentation,
             threshold=threshold,
             pyramid_levels=pyramid_levels,

@@ -16,6 +16,7 @@ __all__ = [
     "InputNotFoundError",
     "NahtlosError",
     "NahtlosWarning",
+    "NormError",
     "SettingsError",
     "ShapeMismatchError",
 ]
@@ -55,6 +56,10 @@ class BlockFailedError(NahtlosError, RuntimeError):
     def __init__(self, message: str, block: tuple[int, ...] | None = None) -> None:
         super().__init__(message)
         self.block = block
+
+
+class NormError(NahtlosError, ValueError):
+    """An unknown norm name, an invalid norm setting, or norm layers that cannot be converted."""
 
 
 class NahtlosWarning(UserWarning):

@@ -532,8 +532,7 @@ def _open_zarr(path: Path, key: str | None, level: int) -> ImageSource:
         node = zarr.open(path, mode="r")
     except Exception as exc:  # zarr raises several types for non-zarr folders
         raise FormatError(f"{str(path)!r} is not a readable zarr store: {exc}") from exc
-    if isinstance(node, zarr.Group):
-        _check_complete(path, node)
+    _check_complete(path, node)
     if key:
         try:
             node = node[key]
@@ -864,10 +863,10 @@ def check_output_path(
     return p
 
 
-def _check_complete(path: Path, group: Any) -> None:
-    info = dict(group.attrs).get("nahtlos")
+def _check_complete(path: Path, node: Any) -> None:
+    info = dict(node.attrs).get("nahtlos")
     if isinstance(info, dict) and info.get("status") not in (None, "complete"):
-        store = PredictionStore(path, group)
+        store = PredictionStore(path, node)
         done, total = store.progress()
         raise IncompleteOutputError(
             f"{str(path)!r} is an incomplete prediction ({done} of {total} blocks written, "
@@ -896,19 +895,23 @@ class _LabelSpec:
 
 
 class PredictionStore:
-    """A resumable OME-Zarr 0.5 prediction output, written block by block.
+    """A resumable zarr prediction output, written block by block.
 
-    Layout (one zarr v3 group)::
+    A path ending in ``.ome.zarr`` holds an OME-Zarr 0.5 image (one zarr v3 group)::
 
-        out.zarr/
+        out.ome.zarr/
           s0, s1, ...           (C, [Z,] Y, X) predictions, chunks = prediction blocks
           labels/<name>/s0, ... optional segmentation ([Z,] Y, X), same chunks
           nahtlos_done          one uint8 per block, written after the block's data
 
-    The group attribute ``nahtlos.status`` is ``"running"`` until every block is
-    written and :meth:`finalize` has built the pyramid and the OME metadata; readers
-    of this package refuse a store that is not ``"complete"``, and other OME-Zarr
-    readers do not see an image because the ``ome`` metadata is written last.
+    Any other ``.zarr`` path holds a plain zarr v3 array (``dimension_names``, and
+    ``scale``/``units`` attributes), with its record of finished blocks beside it in
+    ``.out.zarr.blocks`` until the run completes.
+
+    The attribute ``nahtlos.status`` is ``"running"`` until every block is written
+    and :meth:`finalize` has built the pyramid and the OME metadata; readers of this
+    package refuse an output that is not ``"complete"``, and other OME-Zarr readers do
+    not see an image because the ``ome`` metadata is written last.
 
     Create one with :meth:`create`, reopen it (to resume, or on a Dask worker) with
     :meth:`open`. As an array-like (``shape``, ``__setitem__``) it is a valid ``out``
@@ -918,10 +921,14 @@ class PredictionStore:
 
     DONE = "nahtlos_done"
 
-    def __init__(self, path: Path, group: Any) -> None:
+    def __init__(self, path: Path, node: Any) -> None:
+        import zarr
+
         self.path = Path(path)
-        self.group = group
-        info = dict(group.attrs).get("nahtlos", {})
+        # an OME-Zarr group, or a plain array
+        self.node = node
+        self.ome = isinstance(node, zarr.Group)
+        info = dict(node.attrs).get("nahtlos", {})
         self.info: dict[str, Any] = info
         self.block: tuple[int, ...] = tuple(info.get("block", ()))
         self.grid_shape: tuple[int, ...] = tuple(info.get("grid_shape", ()))
@@ -937,15 +944,26 @@ class PredictionStore:
     # ----------------------------------------------------------------- creation
 
     @staticmethod
+    def is_ome(path: str | os.PathLike[str]) -> bool:
+        """Whether an output path asks for OME-Zarr (it ends in ``.ome.zarr``)."""
+        return Path(path).name.lower().endswith(".ome.zarr")
+
+    @staticmethod
+    def blocks_path(path: str | os.PathLike[str]) -> Path:
+        """Where a plain array output records its finished blocks."""
+        p = Path(path)
+        return p.with_name(f".{p.name}.blocks")
+
+    @staticmethod
     def is_store(path: str | os.PathLike[str]) -> bool:
-        """Whether ``path`` is a zarr group written by this class."""
+        """Whether ``path`` is a zarr output written by this class."""
         import zarr
 
         try:
-            group = zarr.open_group(str(path), mode="r")
+            node = zarr.open(str(path), mode="r")
         except Exception:
             return False
-        return "nahtlos" in dict(group.attrs)
+        return "nahtlos" in dict(node.attrs)
 
     @classmethod
     def create(
@@ -1018,13 +1036,22 @@ class PredictionStore:
         elif segmentation is not None:
             raise FormatError(f"segmentation {segmentation!r} is not 'threshold' or 'argmax'")
         p = Path(path)
+        ome = cls.is_ome(p)
+        if labels and not ome:
+            raise FormatError(
+                f"segmentation labels need an OME-Zarr output; name it "
+                f"{p.name.removesuffix('.zarr')}.ome.zarr instead of {p.name}"
+            )
         if p.exists():
             if not overwrite:
                 raise FormatError(f"output {str(p)!r} exists; remove it or pass --overwrite")
             _remove(p)
+        _remove(cls.blocks_path(p))
         grid_shape = tuple(math.ceil(n / b) for n, b in zip(spatial, block, strict=True))
+        # one chunk per block; a block larger than the image is one chunk of the image
+        chunk = tuple(min(b, n) for b, n in zip(block, spatial, strict=True))
         scale_t = tuple(float(x) for x in (scale or (1.0,) * nd))
-        factors = _pyramid_factors(spatial, scale_t, block, pyramid_levels)
+        factors = _pyramid_factors(spatial, scale_t, block, pyramid_levels) if ome else []
         first = factors[0] if factors else None
         # level 1 can be pooled from each block alone if no pooling box straddles blocks
         in_blocks = first is not None and all(b % f == 0 for b, f in zip(block, first, strict=True))
@@ -1046,17 +1073,38 @@ class PredictionStore:
             "level1_in_blocks": in_blocks,
             "plan": plan or {},
         }
+        if not ome:
+            array = zarr.create_array(
+                store=str(p),
+                shape=shape,
+                chunks=(shape[0], *chunk),
+                dtype=np.dtype(dtype),
+                fill_value=0,
+                zarr_format=3,
+                dimension_names=["c", *axes],
+                attributes={"scale": [1.0, *scale_t], "units": [None, *(units or (None,) * nd)]},
+            )
+            zarr.create_array(
+                store=str(cls.blocks_path(p)),
+                shape=grid_shape,
+                chunks=(1,) * nd,
+                dtype=np.uint8,
+                fill_value=0,
+                zarr_format=3,
+            )
+            array.attrs["nahtlos"] = info  # type: ignore[assignment]
+            return cls(p, array)
         group = zarr.open_group(str(p), mode="w", zarr_format=3)
         group.create_array(
             "s0",
             shape=shape,
-            chunks=(shape[0], *block),
+            chunks=(shape[0], *chunk),
             dtype=np.dtype(dtype),
             fill_value=0,
             dimension_names=["c", *axes],
         )
-        half = tuple(b // f for b, f in zip(block, first or block, strict=True))
         small = tuple(math.ceil(n / f) for n, f in zip(spatial, first or block, strict=True))
+        half = tuple(min(b // f, m) for b, f, m in zip(block, first or block, small, strict=True))
         if in_blocks:
             group.create_array(
                 "s1",
@@ -1072,7 +1120,7 @@ class PredictionStore:
             label_group.create_array(
                 "s0",
                 shape=spatial,
-                chunks=block,
+                chunks=chunk,
                 dtype=label_dtype,
                 fill_value=0,
                 dimension_names=list(axes),
@@ -1105,18 +1153,18 @@ class PredictionStore:
         import zarr
 
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            node = zarr.open(str(path), mode=mode)
         except Exception as exc:
             raise FormatError(
                 f"{str(path)!r} is not a nahtlos prediction output ({exc}); remove it or "
                 "choose another output path"
             ) from exc
-        if "nahtlos" not in dict(group.attrs):
+        if "nahtlos" not in dict(node.attrs):
             raise FormatError(
-                f"{str(path)!r} is a zarr group but not a nahtlos prediction output; "
+                f"{str(path)!r} is a zarr store but not a nahtlos prediction output; "
                 "remove it or choose another output path"
             )
-        return cls(Path(path), group)
+        return cls(Path(path), node)
 
     # ----------------------------------------------------------------- state
 
@@ -1141,8 +1189,14 @@ class PredictionStore:
         return tuple(self.info["shape"])
 
     def _done_array(self) -> Any:
+        import zarr
+
         if self._done is None:
-            self._done = self.group[self.DONE]
+            if self.ome:
+                self._done = self.node[self.DONE]
+            else:
+                mode = "r" if self.node.read_only else "r+"
+                self._done = zarr.open_array(str(self.blocks_path(self.path)), mode=mode)
         return self._done
 
     def done(self) -> np.ndarray:
@@ -1164,18 +1218,21 @@ class PredictionStore:
     def update_plan(self, **values: Any) -> None:
         """Add entries to the stored plan (e.g. input percentiles computed once)."""
         self.info = {**self.info, "plan": {**self.plan, **values}}
-        self.group.attrs["nahtlos"] = self.info
+        self.node.attrs["nahtlos"] = self.info
 
     # ----------------------------------------------------------------- writing
 
     def _arrays(self) -> tuple[list[Any], dict[str, list[Any]]]:
         if self._data is None:
+            if not self.ome:
+                self._data = [self.node]
+                return self._data, {}
             levels = ("s0", "s1") if self.level1_in_blocks else ("s0",)
             self._label_arrays = {
-                spec.name: [self.group[f"labels/{spec.name}/{s}"] for s in levels]
+                spec.name: [self.node[f"labels/{spec.name}/{s}"] for s in levels]
                 for spec in self.labels
             }
-            self._data = [self.group[s] for s in levels]
+            self._data = [self.node[s] for s in levels]
         return self._data, self._label_arrays
 
     def __setitem__(self, key: tuple[Any, ...], value: np.ndarray) -> None:
@@ -1244,6 +1301,12 @@ class PredictionStore:
                 f"{str(self.path)!r}: {total - done} of {total} blocks were not written; "
                 "run again with --resume"
             )
+        if not self.ome:
+            self.info = {**self.info, "status": "complete"}
+            self.node.attrs["nahtlos"] = self.info
+            _remove(self.blocks_path(self.path))
+            return self.path
+        group = self.node
         spatial = tuple(self.info["shape"][1:])
         axes = tuple(self.info["axes"])
         scale = tuple(self.info["scale"])
@@ -1264,7 +1327,7 @@ class PredictionStore:
             ]
             return [{"type": "scale", "scale": s}, {"type": "translation", "translation": t}]
 
-        _write_pyramid(self.group, factors, start, "mean", scheduler)
+        _write_pyramid(group, factors, start, "mean", scheduler)
         levels = [(1,) * len(spatial)]
         for step in factors:
             levels.append(tuple(c * f for c, f in zip(levels[-1], step, strict=True)))
@@ -1273,11 +1336,11 @@ class PredictionStore:
             for i, c in enumerate(levels)
         ]
         axes_dicts = _axes_dicts(("c", *axes), (None, *units))
-        write_multiscales_metadata(self.group, datasets, fmt=fmt, axes=axes_dicts, name=image_name)
+        write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes_dicts, name=image_name)
         window = (0, 255) if self.dtype == np.uint8 else (0.0, 1.0)
         colors = ["FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF"]
         add_metadata(
-            self.group,
+            group,
             {
                 "omero": {
                     "channels": [
@@ -1300,7 +1363,7 @@ class PredictionStore:
             fmt=fmt,
         )
         if self.labels:
-            labels_group = self.group["labels"]
+            labels_group = group["labels"]
             add_metadata(labels_group, {"version": fmt.version, "labels": []}, fmt=fmt)
             for spec in self.labels:
                 label_group = labels_group[spec.name]
@@ -1333,10 +1396,10 @@ class PredictionStore:
                     source={"image": "../../"},
                 )
         self.info = {**self.info, "status": "complete", "levels": len(levels)}
-        self.group.attrs["nahtlos"] = self.info
+        group.attrs["nahtlos"] = self.info
         # the record of finished blocks has served its purpose
         with contextlib.suppress(KeyError):
-            del self.group[self.DONE]
+            del group[self.DONE]
         return self.path
 
 

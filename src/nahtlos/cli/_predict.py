@@ -7,10 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
+from ..autoblock import auto_geometry, parse_memory
 from ..checkpoint import load_model
 from ..distributed import ACTIVATIONS, predict_file
 from ..intensity import InputNormalization
 from ..io import OUTPUT_DTYPES, check_output_path, open_source
+from ..predict import resolve_device
 from ._common import cli_errors, fail, parse_ints
 
 
@@ -20,7 +22,9 @@ def register(app: typer.Typer) -> None:
 
 @cli_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="TorchScript file (torch.jit.save).")],
+    model: Annotated[
+        Path, typer.Argument(help="TorchScript file (torch.jit.save) or nahtlos checkpoint.")
+    ],
     input: Annotated[
         str,
         typer.Argument(
@@ -30,15 +34,31 @@ def predict(
     output: Annotated[
         Path,
         typer.Argument(
-            help="Output: .zarr (OME-Zarr 0.5, resumable) or .npy/.tif ((C,[Z,]Y,X) arrays)."
+            help="Output: .ome.zarr (OME-Zarr 0.5 with pyramid and labels), .zarr (one zarr "
+            "array), both resumable; or .npy/.tif. Channels first: (C,[Z,]Y,X)."
         ),
     ],
     block: Annotated[
-        str | None, typer.Option(help="Inner block shape per axis, e.g. 64,128,128 (or one value).")
+        str | None,
+        typer.Option(
+            help="Inner block shape per axis, e.g. 64,128,128 (or one value); "
+            "auto or left out: the largest that fits --max-memory."
+        ),
     ] = None,
-    halo: Annotated[str | None, typer.Option(help="Halo: N or Z,Y,X.")] = None,
+    halo: Annotated[
+        str | None,
+        typer.Option(help="Halo: N or Z,Y,X; auto or left out: from the receptive field."),
+    ] = None,
     alignment: Annotated[
-        str | None, typer.Option(help="Network down-sampling factor: N or Z,Y,X.")
+        str | None,
+        typer.Option(help="Network down-sampling factor: N or Z,Y,X; auto or left out: measured."),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget for an automatic --block, e.g. 8G or 512MiB "
+            "(default: half the free RAM, or free GPU memory)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -61,12 +81,14 @@ def predict(
     ] = "float32",
     segmentation: Annotated[
         str,
-        typer.Option(help="Add labels/ to a .zarr output: none, threshold (per channel), argmax."),
+        typer.Option(
+            help="Add labels/ to a .ome.zarr output: none, threshold (per channel), argmax."
+        ),
     ] = "none",
     threshold: Annotated[float, typer.Option(help="Threshold of --segmentation threshold.")] = 0.5,
     pyramid_levels: Annotated[
         int | None,
-        typer.Option(min=0, help="Extra resolution levels of a .zarr output (default: auto)."),
+        typer.Option(min=0, help="Extra resolution levels of a .ome.zarr output (default: auto)."),
     ] = None,
     scheduler: Annotated[
         str | None,
@@ -89,7 +111,11 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Predict INPUT block-wise with MODEL and write the model output to OUTPUT."""
+    """Predict INPUT block-wise with MODEL and write the model output to OUTPUT.
+
+    Input normalization and output activation are applied when the model's metadata
+    names them (nahtlos checkpoints do); otherwise the raw output is written.
+    """
     if resume and overwrite:
         raise fail("--resume continues an output and --overwrite replaces it: choose one")
     for name, value, allowed in (
@@ -109,18 +135,41 @@ def predict(
     if halo_v is None:
         halo_v = meta.get("halo")
     if align_v is None:
-        align_v = meta.get("alignment", 1)
+        align_v = meta.get("alignment")
     if ndim is None:
         ndim = len(block_v) if isinstance(block_v, tuple) else meta.get("ndim")
     if ndim is None:
         spatial = len(source.spatial_axes) if source.axes_known else 0
         ndim = spatial if spatial in (2, 3) else min(len(source.shape), 3)
-    source.for_model(ndim)  # checks the image's axes fit the model before anything else
-    if block_v is None:
-        raise fail("--block is required for this model (e.g. --block 64,128,128)")
-    if halo_v is None:
-        raise fail("--halo is required for this model (the receptive-field radius, e.g. --halo 16)")
-    act: Any = meta.get("activation", "none") if activation == "auto" else activation
+    view = source.for_model(ndim)  # checks the image's axes fit the model before anything else
+    if block_v is None and meta.get("window"):
+        # a fixed-window model (a UNETR checkpoint): its block is the window minus the halo
+        block_v = meta.get("block")
+    auto = False
+    if block_v is None or halo_v is None or align_v is None:
+        # Left out or "auto": measured from the model (receptive field, memory).
+        auto = True
+        try:
+            budget = None if max_memory is None else parse_memory(max_memory)
+        except ValueError as exc:
+            raise fail(f"--max-memory: {exc}") from None
+        geometry = auto_geometry(
+            loaded.module.to(resolve_device(device)),
+            ndim,
+            view.shape[0] if view.axes[0] == "c" else 1,
+            view.shape[-ndim:],
+            block=block_v,
+            halo=halo_v,
+            alignment=align_v,
+            max_memory=budget,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        typer.echo(geometry.describe(), err=True)
+        block_v, halo_v, align_v = geometry.block, geometry.halo, geometry.alignment
+    act: Any = (meta.get("activation") or "none") if activation == "auto" else activation
+    if act == "identity":
+        act = "none"
     norm = meta.get("input_normalization")
     try:
         report = predict_file(
@@ -131,14 +180,19 @@ def predict(
             halo_v,
             align_v,
             ndim=ndim,
+            auto=auto,
             batch_size=batch_size,
             device=device,
             activation=act,
-            normalization=None if norm is None else InputNormalization.from_dict(norm),
+            # a checkpoint's input normalization is fitted again on this image
+            normalization=None
+            if not norm
+            else InputNormalization.from_dict({**norm, "values": None}),
             output_dtype=output_dtype,  # type: ignore[arg-type]
             segmentation=None if segmentation == "none" else segmentation,  # type: ignore[arg-type]
             threshold=threshold,
-            channel_names=meta.get("channels"),
+            # project checkpoints call them "classes"
+            channel_names=meta.get("channel_names", meta.get("classes")),
             pyramid_levels=pyramid_levels,
             scheduler=scheduler,
             workers=workers,
