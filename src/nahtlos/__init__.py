@@ -20,6 +20,13 @@ from .errors import (
     ShapeMismatchError,
 )
 from .geometry import Block, BlockGrid
+from .global_stats import (
+    GlobalNormStats,
+    GlobalStatsError,
+    compute_global_stats,
+    freeze_norms,
+    global_stats_model,
+)
 from .intensity import InputNormalization
 from .io import ImageSource, PredictionStore, open_image, open_source, save_image
 from .metrics import TileMismatch, TrainEvalDisparity, dice, tile_mismatch, train_eval_disparity
@@ -75,6 +82,8 @@ __all__ = [
     "Culprit",
     "DiagnosisReport",
     "FormatError",
+    "GlobalNormStats",
+    "GlobalStatsError",
     "ImageSource",
     "IncompleteOutputError",
     "InputNormalization",
@@ -100,9 +109,12 @@ __all__ = [
     "auto_geometry",
     "build_model",
     "choose_block",
+    "compute_global_stats",
     "convert_norms",
     "diagnose",
     "dice",
+    "freeze_norms",
+    "global_stats_model",
     "instances_to_semantic",
     "load_config",
     "load_model",
