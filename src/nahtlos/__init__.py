@@ -7,7 +7,9 @@ from .checkpoint import LoadedModel, load_model
 from .config import ConfigError, TrainingConfig, load_config
 from .data import PatchSampler, instances_to_semantic
 from .diagnose import DiagnosisReport, diagnose
+from .distributed import PredictionReport, predict_file
 from .errors import (
+    BlockFailedError,
     BlockShapeError,
     FormatError,
     IncompleteOutputError,
@@ -19,8 +21,15 @@ from .errors import (
 )
 from .experiments import PRESETS, ExperimentError, Preset, reproduce
 from .geometry import Block, BlockGrid
+from .global_stats import (
+    GlobalNormStats,
+    GlobalStatsError,
+    compute_global_stats,
+    freeze_norms,
+    global_stats_model,
+)
 from .intensity import InputNormalization
-from .io import open_image
+from .io import ImageSource, PredictionStore, open_image, open_source, save_image
 from .metrics import TileMismatch, TrainEvalDisparity, dice, tile_mismatch, train_eval_disparity
 from .models import build_model
 from .norms import (
@@ -68,6 +77,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "Block",
+    "BlockFailedError",
     "BlockGrid",
     "BlockShapeError",
     "ConfigError",
@@ -75,6 +85,9 @@ __all__ = [
     "DiagnosisReport",
     "ExperimentError",
     "FormatError",
+    "GlobalNormStats",
+    "GlobalStatsError",
+    "ImageSource",
     "IncompleteOutputError",
     "InputNormalization",
     "InputNotFoundError",
@@ -83,7 +96,9 @@ __all__ = [
     "NahtlosWarning",
     "NormError",
     "PatchSampler",
+    "PredictionReport",
     "PredictionStats",
+    "PredictionStore",
     "Preset",
     "ReceptiveField",
     "ReceptiveFieldError",
@@ -98,22 +113,28 @@ __all__ = [
     "auto_geometry",
     "build_model",
     "choose_block",
+    "compute_global_stats",
     "convert_norms",
     "diagnose",
     "dice",
+    "freeze_norms",
+    "global_stats_model",
     "instances_to_semantic",
     "load_config",
     "load_model",
     "make_norm",
     "monai_norm",
     "open_image",
+    "open_source",
     "open_synthetic",
     "plot_receptive_field",
     "predict_blockwise",
+    "predict_file",
     "predict_whole",
     "receptive_field",
     "recommend_halo",
     "reproduce",
+    "save_image",
     "semantic_classes",
     "synthesize",
     "tile_mismatch",

@@ -9,6 +9,7 @@ that does not know nahtlos.
 from __future__ import annotations
 
 __all__ = [
+    "BlockFailedError",
     "BlockShapeError",
     "FormatError",
     "IncompleteOutputError",
@@ -16,6 +17,7 @@ __all__ = [
     "NahtlosError",
     "NahtlosWarning",
     "NormError",
+    "SettingsError",
     "ShapeMismatchError",
 ]
 
@@ -42,6 +44,18 @@ class InputNotFoundError(NahtlosError, FileNotFoundError):
 
 class IncompleteOutputError(NahtlosError, RuntimeError):
     """An output exists but was not completely written (an interrupted run)."""
+
+
+class SettingsError(NahtlosError, ValueError):
+    """Settings of a run that contradict each other (e.g. uint8 output without activation)."""
+
+
+class BlockFailedError(NahtlosError, RuntimeError):
+    """Predicting a block failed (after its retries); ``block`` is its grid index."""
+
+    def __init__(self, message: str, block: tuple[int, ...] | None = None) -> None:
+        super().__init__(message)
+        self.block = block
 
 
 class NormError(NahtlosError, ValueError):

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..autoblock import auto_geometry, parse_memory
 from ..checkpoint import load_model
-from ..errors import BlockShapeError
-from ..geometry import BlockGrid
-from ..io import PendingOutput, check_output_path, open_image
-from ..predict import predict_blockwise, resolve_device
+from ..distributed import ACTIVATIONS, predict_file
+from ..global_stats import (
+    GlobalStatsError,
+    freeze_norms,
+    global_stats_model,
+    parse_norm_stats,
+    placeholder_stats,
+    tile_norm_layers,
+)
+from ..intensity import InputNormalization
+from ..io import OUTPUT_DTYPES, check_output_path, open_source
+from ..predict import resolve_device
 from ._common import cli_errors, fail, parse_ints
 
 
@@ -26,10 +34,17 @@ def predict(
         Path, typer.Argument(help="TorchScript file (torch.jit.save) or nahtlos checkpoint.")
     ],
     input: Annotated[
-        str, typer.Argument(help="Image: .tif/.tiff, .npy, .zarr, or file.h5:dataset.")
+        str,
+        typer.Argument(
+            help="Image: .tif/.tiff, .npy, .zarr (OME-Zarr 0.4/0.5), or file.h5:dataset."
+        ),
     ],
     output: Annotated[
-        Path, typer.Argument(help="Output: .zarr, .npy or .tif (float32, C,[Z,]Y,X).")
+        Path,
+        typer.Argument(
+            help="Output: .ome.zarr (OME-Zarr 0.5 with pyramid and labels), .zarr (one zarr "
+            "array), both resumable; or .npy/.tif. Channels first: (C,[Z,]Y,X)."
+        ),
     ],
     block: Annotated[
         str | None,
@@ -58,9 +73,63 @@ def predict(
     input_key: Annotated[
         str | None, typer.Option(help="Dataset inside an HDF5 file or zarr group.")
     ] = None,
+    level: Annotated[
+        int, typer.Option(min=0, help="Resolution level of an OME-Zarr input (0 = full).")
+    ] = 0,
     ndim: Annotated[
         int | None,
         typer.Option(min=2, max=3, help="Spatial dimensions (default: from --block or the model)."),
+    ] = None,
+    activation: Annotated[
+        str,
+        typer.Option(help="none, sigmoid or softmax on the output; auto: the model's metadata."),
+    ] = "auto",
+    output_dtype: Annotated[
+        str, typer.Option(help="float32, float16 or uint8 (probabilities x 255).")
+    ] = "float32",
+    segmentation: Annotated[
+        str,
+        typer.Option(
+            help="Add labels/ to a .ome.zarr output: none, threshold (per channel), argmax."
+        ),
+    ] = "none",
+    threshold: Annotated[float, typer.Option(help="Threshold of --segmentation threshold.")] = 0.5,
+    pyramid_levels: Annotated[
+        int | None,
+        typer.Option(min=0, help="Extra resolution levels of a .ome.zarr output (default: auto)."),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on Dask: 'local' (a LocalCluster) or a scheduler address tcp://host:port."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes of --scheduler local.")
+    ] = None,
+    max_windows: Annotated[
+        int | None, typer.Option(min=1, help="At most this many windows in flight (memory bound).")
+    ] = None,
+    retries: Annotated[
+        int, typer.Option(min=0, help="Retries of a failed Dask task before the run stops.")
+    ] = 2,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted .zarr output, skipping finished blocks.")
+    ] = False,
+    norm_stats: Annotated[
+        str,
+        typer.Option(
+            help="Statistics of InstanceNorm/GroupNorm layers: tile (each tile's own, not "
+            "seamless), global (the whole image's, computed block-wise: seamless and equal to "
+            "a whole-image pass), or sampled[:FRACTION] (estimated from a fraction of the blocks)."
+        ),
+    ] = "tile",
+    norm_stats_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where --norm-stats global/sampled keeps its statistics for reuse "
+            "(default: OUTPUT.norm-stats.npz)."
+        ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -70,26 +139,47 @@ def predict(
     Input normalization and output activation are applied when the model's metadata
     names them (nahtlos checkpoints do); otherwise the raw output is written.
     """
-    out_path = check_output_path(output, overwrite)
-    image = open_image(input, input_key)
+    if resume and overwrite:
+        raise fail("--resume continues an output and --overwrite replaces it: choose one")
+    for name, value, allowed in (
+        ("activation", activation, ("auto", *ACTIVATIONS)),
+        ("output-dtype", output_dtype, OUTPUT_DTYPES),
+        ("segmentation", segmentation, ("none", "threshold", "argmax")),
+    ):
+        if value not in allowed:
+            raise fail(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+    stats_mode, fraction = parse_norm_stats(norm_stats)
+    out_path = check_output_path(output, overwrite, resume)
+    source = open_source(input, input_key, level=level)
     loaded = load_model(model, map_location="cpu")
     meta = loaded.metadata
+    if stats_mode != "tile" and loaded.kind == "torchscript":
+        raise GlobalStatsError(
+            f"--norm-stats {norm_stats} needs a model whose layers can be measured one by one: "
+            f"{str(model)!r} is TorchScript; use a nahtlos checkpoint, or the Python model with "
+            "nahtlos.global_stats.compute_global_stats"
+        )
+    frozen_norms = stats_mode != "tile" and bool(tile_norm_layers(loaded.module))
+    if stats_mode != "tile" and not frozen_norms:
+        typer.echo(
+            f"nahtlos: --norm-stats {norm_stats}: the model has no InstanceNorm/GroupNorm layer "
+            "with tile statistics; predicting as usual",
+            err=True,
+        )
     block_v = parse_ints(block, "block")
     halo_v = parse_ints(halo, "halo")
     align_v = parse_ints(alignment, "alignment")
-    if halo_v is None:
+    if halo_v is None and not frozen_norms:
+        # (with frozen norms the model's own halo, meant for tile statistics, does not apply)
         halo_v = meta.get("halo")
     if align_v is None:
         align_v = meta.get("alignment")
     if ndim is None:
         ndim = len(block_v) if isinstance(block_v, tuple) else meta.get("ndim")
     if ndim is None:
-        ndim = len(image.shape) if len(image.shape) <= 3 else len(image.shape) - 1
-    if len(image.shape) not in (ndim, ndim + 1):
-        raise BlockShapeError(
-            f"image {input!r} has shape {tuple(image.shape)}, which does not fit a {ndim}D block; "
-            f"expected {ndim} spatial axes with an optional leading channel axis"
-        )
+        spatial = len(source.spatial_axes) if source.axes_known else 0
+        ndim = spatial if spatial in (2, 3) else min(len(source.shape), 3)
+    view = source.for_model(ndim)  # checks the image's axes fit the model before anything else
     if block_v is None and meta.get("window"):
         # a fixed-window model (a UNETR checkpoint): its block is the window minus the halo
         block_v = meta.get("block")
@@ -101,12 +191,17 @@ def predict(
             budget = None if max_memory is None else parse_memory(max_memory)
         except ValueError as exc:
             raise fail(f"--max-memory: {exc}") from None
-        in_channels = int(image.shape[0]) if len(image.shape) == ndim + 1 else 1
+        # with frozen norms the halo is the receptive field of the frozen network
+        probe = (
+            freeze_norms(loaded.module, placeholder_stats(loaded.module))
+            if frozen_norms
+            else loaded.module
+        )
         geometry = auto_geometry(
-            loaded.module.to(resolve_device(device)),
+            probe.to(resolve_device(device)),
             ndim,
-            in_channels,
-            tuple(image.shape[-ndim:]),
+            view.shape[0] if view.axes[0] == "c" else 1,
+            view.shape[-ndim:],
             block=block_v,
             halo=halo_v,
             alignment=align_v,
@@ -116,29 +211,85 @@ def predict(
         )
         typer.echo(geometry.describe(), err=True)
         block_v, halo_v, align_v = geometry.block, geometry.halo, geometry.alignment
-    # Output chunks equal the blocks, so that no two blocks write the same chunk.
-    grid = BlockGrid(tuple(image.shape[-ndim:]), block_v, halo_v, align_v, auto=auto)
-    pending = PendingOutput(out_path, chunks=grid.block, overwrite=overwrite)
-    dev = resolve_device(device)
-    try:
-        predict_blockwise(
+    act: Any = (meta.get("activation") or "none") if activation == "auto" else activation
+    if act == "identity":
+        act = "none"
+    norm = meta.get("input_normalization")
+    # a checkpoint's input normalization is fitted again on this image
+    normalization = None if not norm else InputNormalization.from_dict({**norm, "values": None})
+    predictor: Any = loaded
+    if frozen_norms:
+        if normalization is not None:
+            normalization.fit(
+                view.array, channel_axis=0 if view.axes[0] == "c" else None, progress=progress
+            )
+        cache = norm_stats_file or out_path.with_name(out_path.name + ".norm-stats.npz")
+        stat = source.path.stat() if source.path is not None else None
+        predictor, stats, reused = global_stats_model(
             loaded.module,
-            image,
-            grid.block,
-            grid.halo,
-            grid.alignment,
+            view.array,
+            block=block_v,
+            halo=halo_v,
+            alignment=align_v,
             ndim=ndim,
+            fraction=fraction,
+            cache=cache,
+            image_id={
+                "path": str(source.path.resolve()) if source.path else None,
+                "key": source.key,
+                "level": source.level,
+                "mtime_ns": stat.st_mtime_ns if stat else None,
+                "size": stat.st_size if stat else None,
+            },
+            input_transform=normalization,
             batch_size=batch_size,
-            device=dev,
-            out=pending,
-            # a checkpoint's input normalization (fitted on this image) and activation
-            input_transform=loaded.input_transform(image, ndim, progress=progress),
-            output_transform=loaded.output_transform(),
+            device=device,
             progress=progress,
-            auto=auto,
         )
-        final = pending.commit()
-    except BaseException:
-        pending.discard()
+        how = (
+            f"reused from {cache}"
+            if reused
+            else f"computed ({stats.blocks_used} of {stats.blocks_total} blocks per layer), saved to {cache}"
+        )
+        err = (
+            ""
+            if stats.max_stderr is None or stats.blocks_used == stats.blocks_total
+            else f"; estimated standard error of the means ≤ {stats.max_stderr:.2g} σ"
+        )
+        typer.echo(
+            f"whole-image statistics of {len(stats.layers)} norm layers {how}{err}", err=True
+        )
+    try:
+        report = predict_file(
+            predictor,
+            source,
+            out_path,
+            block_v,
+            halo_v,
+            align_v,
+            ndim=ndim,
+            auto=auto,
+            batch_size=batch_size,
+            device=device,
+            activation=act,
+            normalization=normalization,
+            output_dtype=output_dtype,  # type: ignore[arg-type]
+            segmentation=None if segmentation == "none" else segmentation,  # type: ignore[arg-type]
+            threshold=threshold,
+            # project checkpoints call them "classes"
+            channel_names=meta.get("channel_names", meta.get("classes")),
+            pyramid_levels=pyramid_levels,
+            scheduler=scheduler,
+            workers=workers,
+            max_windows=max_windows,
+            retries=retries,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        if out_path.suffix.lower() == ".zarr" and out_path.exists():
+            typer.echo(f"nahtlos: {out_path} is incomplete; continue it with --resume", err=True)
         raise
-    typer.echo(f"wrote {final}")
+    done = f", {report.skipped} of {report.blocks} blocks already done" if report.skipped else ""
+    typer.echo(f"wrote {report.output} ({report.predicted} blocks predicted{done})")
