@@ -15,7 +15,7 @@ A configuration has four sections; every field has a default except the data::
     out: runs/my-model
 
 Paths are relative to the configuration file. Errors name the offending field, e.g.
-``data.patch: 100 is not a multiple of the network's alignment 4``.
+``data.patch [102, 128]: 102 is not a multiple of the network's alignment 4``.
 """
 
 from __future__ import annotations
