@@ -241,13 +241,20 @@ def test_normalization_layers_of_scripted_models():
         assert "tile-wise" in layers["statistics"]
 
 
-def test_global_statistics_hint_only_when_predict_offers_it(in_report, monkeypatch, image):
-    assert not any("--norm-stats" in a for a in in_report.verdict.actions)
-    # the library exists already: a Python model is pointed to it
-    assert any("compute_global_stats" in a for a in in_report.verdict.actions)
-    monkeypatch.setattr(diagnose_module, "_global_norm_stats_available", lambda: True)
-    rep = _run(make_unet(2, 2, norm="instance"), image, tile_sizes=[64])
-    assert any("--norm-stats global" in a for a in rep.verdict.actions)
+def test_global_statistics_compared_for_instance_norm(in_report, image):
+    g = in_report.global_statistics
+    assert g is not None and g["layers"] == 4
+    # frozen whole-image statistics: seamless and equal to the whole-image prediction
+    assert g["tile_mismatch"]["seamless"] and g["max_difference_to_whole"] <= 1e-4
+    assert not in_report.tile_mismatch.seamless
+    assert any("--norm-stats global" in a and "seamless" in a for a in in_report.verdict.actions)
+    validate_report(in_report.to_dict())
+    # nothing to freeze in a BatchNorm model, and TorchScript cannot be measured layer-wise
+    assert _run(make_unet(2, 2, norm="batch"), image, tile_sizes=[64]).global_statistics is None
+    scripted = torch.jit.script(make_unet(2, 2, norm="instance"))
+    rep = _run(scripted, image, tile_sizes=[64])
+    assert rep.global_statistics is None
+    assert any("TorchScript" in a for a in rep.verdict.actions)
 
 
 # --------------------------------------------------------------------------- report files

@@ -9,6 +9,7 @@ from nahtlos.global_stats import (
     GlobalNormStats,
     compute_global_stats,
     freeze_norms,
+    placeholder_stats,
     tile_norm_layers,
 )
 from nahtlos.metrics import tile_mismatch
@@ -129,3 +130,143 @@ def test_running_stats_instance_norm_only_when_ignored():
     net = make_unet(2, 2, norm=("instance", {"track_running_stats": True, "affine": True}))
     assert tile_norm_layers(net) == []
     assert len(tile_norm_layers(net, ignore_running_stats=True)) > 0
+
+
+# ------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def instance_checkpoint(tmp_path_factory):
+    """A briefly trained InstanceNorm U-Net checkpoint and an image to predict."""
+    import tifffile
+
+    from nahtlos.config import validate_config
+    from nahtlos.train import train
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    rng = np.random.default_rng(0)
+    labels = np.zeros((64, 64), np.int32)
+    labels[10:30, 10:30], labels[40:60, 30:50] = 1, 2
+    image = (200.0 * (labels > 0) + rng.normal(50, 15, labels.shape)).astype(np.float32)
+    tifffile.imwrite(tmp / "image.tif", image)
+    np.save(tmp / "labels.npy", labels)
+    cfg = validate_config(
+        {
+            "data": {
+                "train": [{"image": str(tmp / "image.tif"), "labels": str(tmp / "labels.npy")}],
+                "split": {"fraction": 0.5, "axis": "x"},
+                "patch": [32, 32],
+            },
+            "model": {"ndim": 2, "norm": "instance", "channels": [4, 8, 16]},
+            "train": {"steps": 2, "batch_size": 2, "val_every": 100, "val_block": [32, 32]},
+            "out": str(tmp / "run"),
+        }
+    )
+    train(cfg, progress=False)
+    other = _image((70, 53), seed=4) * 300
+    np.save(tmp / "other.npy", other)
+    return tmp / "run" / "model.pt", tmp / "other.npy", other
+
+
+def _predict_cli(*args):
+    from typer.testing import CliRunner
+
+    from nahtlos.cli import app
+
+    return CliRunner().invoke(app, ["predict", *map(str, args), "--no-progress"])
+
+
+def test_cli_norm_stats_global_equals_whole_image_and_reuses_statistics(
+    instance_checkpoint, tmp_path
+):
+    from nahtlos.checkpoint import load_model
+    from nahtlos.intensity import InputNormalization
+    from nahtlos.io import open_image
+
+    ckpt, source, image = instance_checkpoint
+    loaded = load_model(ckpt)
+    norm = InputNormalization.from_dict({**loaded.metadata["input_normalization"], "values": None})
+    norm.fit(image)
+    reference = predict_whole(
+        loaded.module, image, 12, 4, input_transform=norm, output_transform=torch.sigmoid
+    )
+    tiled = None
+    for mode in ("tile", "global"):
+        out = tmp_path / f"{mode}.zarr"
+        result = _predict_cli(
+            ckpt, source, out, "--block", "16,16", "--halo", "12", "--norm-stats", mode
+        )
+        assert result.exit_code == 0, result.output
+        got = np.asarray(open_image(out)[...])
+        diff = largest_difference(got, reference)[0]
+        if mode == "tile":
+            tiled = diff
+        else:
+            assert diff <= 1e-4, diff
+            assert (
+                "computed" in result.output and (tmp_path / "global.zarr.norm-stats.npz").is_file()
+            )
+    assert tiled is not None and tiled > 1e-3
+    # a second prediction of the same image reuses the statistics
+    again = _predict_cli(
+        ckpt,
+        source,
+        tmp_path / "again.zarr",
+        "--block",
+        "16,16",
+        "--halo",
+        "12",
+        "--norm-stats",
+        "global",
+        "--norm-stats-file",
+        tmp_path / "global.zarr.norm-stats.npz",
+    )
+    assert again.exit_code == 0, again.output
+    assert "reused from" in again.output
+    np.testing.assert_array_equal(
+        open_image(tmp_path / "again.zarr")[...], open_image(tmp_path / "global.zarr")[...]
+    )
+
+
+def test_cli_norm_stats_auto_halo_is_the_frozen_receptive_field(instance_checkpoint, tmp_path):
+    from nahtlos.checkpoint import load_model
+    from nahtlos.receptive_field import receptive_field, recommend_halo
+
+    ckpt, source, _ = instance_checkpoint
+    loaded = load_model(ckpt)
+    frozen = freeze_norms(loaded.module, placeholder_stats(loaded.module))
+    expected = recommend_halo(receptive_field(frozen, 2, 1), warn=False)
+    result = _predict_cli(ckpt, source, tmp_path / "auto.zarr", "--norm-stats", "sampled:0.5")
+    assert result.exit_code == 0, result.output
+    assert f"halo {','.join(map(str, expected))} (auto: TRF radius)" in result.output
+
+
+def test_cli_norm_stats_errors(instance_checkpoint, tmp_path):
+    ckpt, source, _ = instance_checkpoint
+    bad = _predict_cli(
+        ckpt,
+        source,
+        tmp_path / "x.zarr",
+        "--block",
+        "16",
+        "--halo",
+        "12",
+        "--norm-stats",
+        "sampled:2",
+    )
+    assert bad.exit_code == 2 and "fraction" in bad.output
+    scripted = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(make_unet(2, 2, norm="instance")), str(scripted))
+    bad = _predict_cli(
+        scripted,
+        source,
+        tmp_path / "y.zarr",
+        "--block",
+        "16",
+        "--halo",
+        "12",
+        "--norm-stats",
+        "global",
+    )
+    assert bad.exit_code == 2 and "TorchScript" in bad.output
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()

@@ -175,11 +175,12 @@ def test_schedule_reaches_the_layers_per_optimizer_step(files, tmp_path, monkeyp
 
     monkeypatch.setattr(BatchRenorm2d, "forward", forward)
     train(cfg, progress=False)
-    layers = sum(
-        isinstance(m, BatchRenorm2d)
-        for m in load_model(tmp_path / "run" / "model.pt").module.modules()
-    )
+    loaded = [m for m in load_model(tmp_path / "run" / "model.pt").module.modules()]
+    layers = sum(isinstance(m, BatchRenorm2d) for m in loaded)
     assert layers > 0 and len(seen) == 8 * 3 * layers
+    # the loaded network renormalizes like the trained one in train mode (r_max/d_max
+    # are not in the state dict; the checkpoint's schedule restores them)
+    assert all((m.r_max, m.d_max) == (2.5, 4.0) for m in loaded if isinstance(m, BatchRenorm2d))
     # warm-up (plain BatchNorm), a linear ramp counted in optimizer steps, then the final
     # values; every micro-batch of an optimizer step sees the same values
     want = [(1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (1.375, 1.0), (1.75, 2.0), (2.125, 3.0)]

@@ -19,7 +19,15 @@ from .errors import (
     NormError,
     ShapeMismatchError,
 )
+from .experiments import PRESETS, ExperimentError, Preset, reproduce
 from .geometry import Block, BlockGrid
+from .global_stats import (
+    GlobalNormStats,
+    GlobalStatsError,
+    compute_global_stats,
+    freeze_norms,
+    global_stats_model,
+)
 from .intensity import InputNormalization
 from .io import ImageSource, PredictionStore, open_image, open_source, save_image
 from .metrics import TileMismatch, TrainEvalDisparity, dice, tile_mismatch, train_eval_disparity
@@ -62,6 +70,7 @@ _install_monai_hook()
 
 __all__ = [
     "NORM_NAMES",
+    "PRESETS",
     "SYNTHETIC_DATASETS",
     "AutoGeometry",
     "BatchRenorm1d",
@@ -74,7 +83,10 @@ __all__ = [
     "ConfigError",
     "Culprit",
     "DiagnosisReport",
+    "ExperimentError",
     "FormatError",
+    "GlobalNormStats",
+    "GlobalStatsError",
     "ImageSource",
     "IncompleteOutputError",
     "InputNormalization",
@@ -87,6 +99,7 @@ __all__ = [
     "PredictionReport",
     "PredictionStats",
     "PredictionStore",
+    "Preset",
     "ReceptiveField",
     "ReceptiveFieldError",
     "RenormSchedule",
@@ -100,9 +113,12 @@ __all__ = [
     "auto_geometry",
     "build_model",
     "choose_block",
+    "compute_global_stats",
     "convert_norms",
     "diagnose",
     "dice",
+    "freeze_norms",
+    "global_stats_model",
     "instances_to_semantic",
     "load_config",
     "load_model",
@@ -117,6 +133,7 @@ __all__ = [
     "predict_whole",
     "receptive_field",
     "recommend_halo",
+    "reproduce",
     "save_image",
     "semantic_classes",
     "synthesize",

@@ -256,6 +256,15 @@ def _load_project_checkpoint(p: Path, map_location: str | torch.device) -> Loade
             f"checkpoint {str(p)!r}: the weights do not fit the network its configuration "
             f"describes ({str(exc).splitlines()[0]})"
         ) from exc
+    if state.get("schedule") is not None:
+        # r_max/d_max are plain attributes of BatchRenorm layers, not in the state dict:
+        # without this a loaded BatchRenorm network would run as BatchNorm in train mode
+        from .norms import RenormSchedule
+
+        schedule = RenormSchedule(0, 0)
+        schedule.load_state_dict(state["schedule"])
+        if schedule.last_step >= 0:
+            schedule.apply(module, schedule.last_step)
     module.to(map_location).eval()
     meta.setdefault("step", int(state.get("step", 0)))
     return LoadedModel(module=module, path=p, kind="checkpoint", metadata=meta)

@@ -279,6 +279,33 @@ class _ZeroPadded:
         return out
 
 
+def _infer_ndim(image: ArrayLike) -> int:
+    return len(image.shape) if len(image.shape) <= 3 else len(image.shape) - 1
+
+
+def _stats_fingerprint(
+    model: torch.nn.Module,
+    image: ArrayLike,
+    halo: tuple[int, ...],
+    alignment: tuple[int, ...],
+    ignore_running_stats: bool,
+    input_transform: Any,
+    image_id: dict[str, Any] | None,
+) -> str:
+    """What the statistics depend on: weights, image, geometry, input normalization."""
+    return _fingerprint(
+        model,
+        image,
+        {
+            "halo": list(halo),
+            "alignment": list(alignment),
+            "ignore_running_stats": ignore_running_stats,
+            "input": getattr(input_transform, "to_dict", lambda: repr(input_transform))(),
+            "image": image_id or {},
+        },
+    )
+
+
 def _fingerprint(model: torch.nn.Module, image: ArrayLike, parts: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -333,6 +360,7 @@ def compute_global_stats(
     seed: int = 0,
     ignore_running_stats: bool = False,
     input_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    image_id: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> GlobalNormStats:
@@ -357,6 +385,9 @@ def compute_global_stats(
     input_transform
         Pointwise input normalization (e.g. global percentiles); applied to image
         voxels before zero padding.
+    image_id
+        What identifies the image beyond its shape and dtype (e.g. its path and
+        modification time); part of the statistics' fingerprint.
 
     Returns
     -------
@@ -389,16 +420,8 @@ def compute_global_stats(
     grid = BlockGrid(spatial, block, halo_t, align)
     view = _ZeroPadded(image, channels, halo_t, domain, input_transform)
     layers = tile_norm_layers(model, ignore_running_stats)
-    fp = _fingerprint(
-        model,
-        image,
-        {
-            "halo": list(halo_t),
-            "alignment": list(align),
-            "domain": list(domain),
-            "ignore_running_stats": ignore_running_stats,
-            "input": getattr(input_transform, "to_dict", lambda: repr(input_transform))(),
-        },
+    fp = _stats_fingerprint(
+        model, image, halo_t, align, ignore_running_stats, input_transform, image_id
     )
     blocks = list(grid)
     if fraction < 1:
@@ -586,3 +609,129 @@ class _Accumulator:
             count=self.n,
             stderr=stderr,
         )
+
+
+def placeholder_stats(
+    model: torch.nn.Module, ignore_running_stats: bool = False
+) -> GlobalNormStats:
+    """Zero-mean, unit-variance statistics for every tile-wise norm layer.
+
+    Freezing with them gives a network of the same *structure* as the truly frozen one:
+    its receptive field (hence the halo of global-statistics inference) and its memory
+    use, measured before the real statistics exist.
+    """
+    layers = []
+    for name, m in tile_norm_layers(model, ignore_running_stats):
+        groups = int(m.num_groups) if isinstance(m, torch.nn.GroupNorm) else None
+        n = groups if groups is not None else int(getattr(m, "num_features", 0))
+        layers.append(
+            LayerStats(name, type(m).__name__, groups, np.zeros(n), np.ones(n), count=0.0)
+        )
+    return GlobalNormStats(layers, fingerprint="placeholder", mode="placeholder")
+
+
+def parse_norm_stats(text: str) -> tuple[str, float]:
+    """Parse ``tile``, ``global`` or ``sampled[:FRACTION]`` (default fraction 0.1).
+
+    Raises
+    ------
+    GlobalStatsError
+        For anything else, or a fraction outside (0, 1].
+    """
+    mode, _, frac = text.strip().lower().partition(":")
+    if mode in ("tile", "global") and not frac:
+        return mode, 1.0
+    if mode == "sampled":
+        try:
+            fraction = float(frac) if frac else 0.1
+        except ValueError:
+            fraction = -1.0
+        if 0 < fraction <= 1:
+            return mode, fraction
+        raise GlobalStatsError(
+            f"--norm-stats {text!r}: the fraction of sampled blocks must be a number in (0, 1], "
+            "e.g. sampled:0.1"
+        )
+    raise GlobalStatsError(
+        f"--norm-stats {text!r} is not one of tile, global, sampled or sampled:FRACTION"
+    )
+
+
+def global_stats_model(
+    model: torch.nn.Module,
+    image: ArrayLike,
+    *,
+    block: int | Sequence[int],
+    halo: int | Sequence[int],
+    alignment: int | Sequence[int] = 1,
+    ndim: int | None = None,
+    fraction: float = 1.0,
+    cache: str | os.PathLike[str] | None = None,
+    image_id: dict[str, Any] | None = None,
+    ignore_running_stats: bool = False,
+    input_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, GlobalNormStats, bool]:
+    """The model with whole-image statistics frozen in, reusing a cached computation.
+
+    Parameters
+    ----------
+    cache
+        A ``.npz`` file: loaded when it holds statistics of this model, image,
+        geometry and input normalization (its fingerprint matches), else computed and
+        saved there, so a second prediction of the same image costs one pass.
+    image_id
+        What identifies the image beyond its shape and dtype (e.g. its path and
+        modification time); part of the fingerprint.
+    Other parameters
+        As for :func:`compute_global_stats`.
+
+    Returns
+    -------
+    frozen, stats, reused
+        The frozen copy of the model, its statistics, and whether they came from the cache.
+    """
+    kwargs: dict[str, Any] = {
+        "block": block,
+        "halo": halo,
+        "alignment": alignment,
+        "ndim": ndim,
+        "batch_size": batch_size,
+        "fraction": fraction,
+        "ignore_running_stats": ignore_running_stats,
+        "input_transform": input_transform,
+        "image_id": image_id,
+        "device": device,
+        "progress": progress,
+    }
+    stats: GlobalNormStats | None = None
+    if cache is not None and Path(cache).is_file():
+        try:
+            stats = GlobalNormStats.load(cache)
+        except (OSError, ValueError, KeyError):
+            stats = None
+    nd = ndim
+    if nd is None:
+        nd = len(tuple(block)) if not isinstance(block, int) else _infer_ndim(image)
+    expected = _stats_fingerprint(
+        model,
+        image,
+        as_per_axis(halo, nd, "halo"),
+        as_per_axis(alignment, nd, "alignment"),
+        ignore_running_stats,
+        input_transform,
+        image_id,
+    )
+    reused = (
+        stats is not None
+        and stats.fingerprint == expected
+        and (stats.mode == "global" or (fraction < 1 and stats.fraction == fraction))
+    )
+    if not reused:
+        stats = compute_global_stats(model, image, **kwargs)
+        if cache is not None:
+            stats.save(cache)
+    assert stats is not None
+    return freeze_norms(model, stats), stats, reused

@@ -457,6 +457,33 @@ def _key_numbers(data: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                 f"radius holding {100 * float(rf.get('erf_mass', 0.99)):g}% of the influence",
             )
         )
+    g = data.get("global_statistics")
+    if g is not None:
+        gtm = g["tile_mismatch"]
+        rows.append(
+            (
+                "Tile mismatch with whole-image statistics",
+                gtm["label"],
+                f"the {g['layers']} InstanceNorm/GroupNorm layers frozen to the statistics of the "
+                "whole image (`--norm-stats global`)",
+            )
+        )
+        rows.append(
+            (
+                "Whole-image statistics vs whole image",
+                _fmt(g["max_difference_to_whole"]),
+                "largest |difference| of their block-wise prediction from the whole-image pass",
+            )
+        )
+        if g.get("dice") is not None:
+            rows.append(
+                (
+                    "Dice vs labels (whole-image statistics)",
+                    ", ".join(f"{n} {_fmt(v)}" for n, v in zip(names, g["dice"], strict=False))
+                    + f" (mean {_fmt(_mean(g['dice']))})",
+                    "block-wise prediction with whole-image statistics",
+                )
+            )
     td = data["verdict"]["tile_dependent"] if rf is None else rf["tile_dependent"]
     rows.append(
         (

@@ -109,6 +109,13 @@ def diagnose_command(
         str | None, typer.Option(help="Dataset inside an HDF5 file or zarr group.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
+    global_stats: Annotated[
+        bool,
+        typer.Option(
+            help="For InstanceNorm/GroupNorm models: also predict with whole-image statistics "
+            "(what `nahtlos predict --norm-stats global` does) and compare."
+        ),
+    ] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Diagnose MODEL on IMAGE: is tiled prediction seamless, does eval mode match train mode?
@@ -143,6 +150,7 @@ def diagnose_command(
         max_windows=max_windows,
         device=resolve_device(device),
         progress=progress,
+        global_stats=global_stats,
         image_source=image if input_key is None else f"{image}:{input_key}",
         labels_source=labels,
         label_kind=label_kind,

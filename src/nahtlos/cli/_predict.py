@@ -10,6 +10,14 @@ import typer
 from ..autoblock import auto_geometry, parse_memory
 from ..checkpoint import load_model
 from ..distributed import ACTIVATIONS, predict_file
+from ..global_stats import (
+    GlobalStatsError,
+    freeze_norms,
+    global_stats_model,
+    parse_norm_stats,
+    placeholder_stats,
+    tile_norm_layers,
+)
 from ..intensity import InputNormalization
 from ..io import OUTPUT_DTYPES, check_output_path, open_source
 from ..predict import resolve_device
@@ -108,6 +116,21 @@ def predict(
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted .zarr output, skipping finished blocks.")
     ] = False,
+    norm_stats: Annotated[
+        str,
+        typer.Option(
+            help="Statistics of InstanceNorm/GroupNorm layers: tile (each tile's own, not "
+            "seamless), global (the whole image's, computed block-wise: seamless and equal to "
+            "a whole-image pass), or sampled[:FRACTION] (estimated from a fraction of the blocks)."
+        ),
+    ] = "tile",
+    norm_stats_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where --norm-stats global/sampled keeps its statistics for reuse "
+            "(default: OUTPUT.norm-stats.npz)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -125,14 +148,29 @@ def predict(
     ):
         if value not in allowed:
             raise fail(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+    stats_mode, fraction = parse_norm_stats(norm_stats)
     out_path = check_output_path(output, overwrite, resume)
     source = open_source(input, input_key, level=level)
     loaded = load_model(model, map_location="cpu")
     meta = loaded.metadata
+    if stats_mode != "tile" and loaded.kind == "torchscript":
+        raise GlobalStatsError(
+            f"--norm-stats {norm_stats} needs a model whose layers can be measured one by one: "
+            f"{str(model)!r} is TorchScript; use a nahtlos checkpoint, or the Python model with "
+            "nahtlos.global_stats.compute_global_stats"
+        )
+    frozen_norms = stats_mode != "tile" and bool(tile_norm_layers(loaded.module))
+    if stats_mode != "tile" and not frozen_norms:
+        typer.echo(
+            f"nahtlos: --norm-stats {norm_stats}: the model has no InstanceNorm/GroupNorm layer "
+            "with tile statistics; predicting as usual",
+            err=True,
+        )
     block_v = parse_ints(block, "block")
     halo_v = parse_ints(halo, "halo")
     align_v = parse_ints(alignment, "alignment")
-    if halo_v is None:
+    if halo_v is None and not frozen_norms:
+        # (with frozen norms the model's own halo, meant for tile statistics, does not apply)
         halo_v = meta.get("halo")
     if align_v is None:
         align_v = meta.get("alignment")
@@ -153,8 +191,14 @@ def predict(
             budget = None if max_memory is None else parse_memory(max_memory)
         except ValueError as exc:
             raise fail(f"--max-memory: {exc}") from None
+        # with frozen norms the halo is the receptive field of the frozen network
+        probe = (
+            freeze_norms(loaded.module, placeholder_stats(loaded.module))
+            if frozen_norms
+            else loaded.module
+        )
         geometry = auto_geometry(
-            loaded.module.to(resolve_device(device)),
+            probe.to(resolve_device(device)),
             ndim,
             view.shape[0] if view.axes[0] == "c" else 1,
             view.shape[-ndim:],
@@ -171,9 +215,53 @@ def predict(
     if act == "identity":
         act = "none"
     norm = meta.get("input_normalization")
+    # a checkpoint's input normalization is fitted again on this image
+    normalization = None if not norm else InputNormalization.from_dict({**norm, "values": None})
+    predictor: Any = loaded
+    if frozen_norms:
+        if normalization is not None:
+            normalization.fit(
+                view.array, channel_axis=0 if view.axes[0] == "c" else None, progress=progress
+            )
+        cache = norm_stats_file or out_path.with_name(out_path.name + ".norm-stats.npz")
+        stat = source.path.stat() if source.path is not None else None
+        predictor, stats, reused = global_stats_model(
+            loaded.module,
+            view.array,
+            block=block_v,
+            halo=halo_v,
+            alignment=align_v,
+            ndim=ndim,
+            fraction=fraction,
+            cache=cache,
+            image_id={
+                "path": str(source.path.resolve()) if source.path else None,
+                "key": source.key,
+                "level": source.level,
+                "mtime_ns": stat.st_mtime_ns if stat else None,
+                "size": stat.st_size if stat else None,
+            },
+            input_transform=normalization,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+        how = (
+            f"reused from {cache}"
+            if reused
+            else f"computed ({stats.blocks_used} of {stats.blocks_total} blocks per layer), saved to {cache}"
+        )
+        err = (
+            ""
+            if stats.max_stderr is None or stats.blocks_used == stats.blocks_total
+            else f"; estimated standard error of the means ≤ {stats.max_stderr:.2g} σ"
+        )
+        typer.echo(
+            f"whole-image statistics of {len(stats.layers)} norm layers {how}{err}", err=True
+        )
     try:
         report = predict_file(
-            loaded,
+            predictor,
             source,
             out_path,
             block_v,
@@ -184,10 +272,7 @@ def predict(
             batch_size=batch_size,
             device=device,
             activation=act,
-            # a checkpoint's input normalization is fitted again on this image
-            normalization=None
-            if not norm
-            else InputNormalization.from_dict({**norm, "values": None}),
+            normalization=normalization,
             output_dtype=output_dtype,  # type: ignore[arg-type]
             segmentation=None if segmentation == "none" else segmentation,  # type: ignore[arg-type]
             threshold=threshold,
