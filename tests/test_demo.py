@@ -76,11 +76,13 @@ def test_pretrained_load_and_segment_unseen_nuclei(name, embryo):
         output_transform=torch.sigmoid,
         progress=False,
     )
-    assert tiled.shape == (3, *SHAPE) and 0 <= tiled.min() and tiled.max() <= 1
-    # they learned the task: nuclei of an unseen volume are found
+    assert tiled.shape == (3, *SHAPE) and tiled.min() >= 0 and tiled.max() <= 1
+    # they learned the task: nuclei of an unseen volume are found, and their thin
+    # boundaries far better than by the trivial all-boundary guess (Dice 2p / (1 + p))
     masks = tiled > 0.5
-    assert dice(masks[1], classes == FOREGROUND) > 0.6
-    assert dice(masks[0], classes == BOUNDARIES) > 0.3
+    assert dice(masks[1], classes == FOREGROUND) > 0.5
+    share = float((classes == BOUNDARIES).mean())
+    assert dice(masks[0], classes == BOUNDARIES) > 5 * (2 * share / (1 + share))
     whole = predict_whole(
         loaded.module,
         image,
