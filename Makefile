@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.nahtlos-installed
 # pytest workers; 2 matches the CI machine's cores
 JOBS   ?= 2
 
-.PHONY: venv demo test lint typecheck bench clean
+.PHONY: venv demo test lint typecheck bench clean pretrained
 
 venv: $(STAMP)
 
@@ -22,8 +22,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
 	@touch $(STAMP)
 
+# ~3 minutes on 2 CPU cores: a 64 Mi-voxel volume predicted by two shipped networks
 demo: $(STAMP)
 	$(VENV)/bin/nahtlos demo
+
+# Retrain the networks shipped in src/nahtlos/pretrained/ (docs/pretrained.md; about
+# 1.5 hours on 2 CPU cores): training data, two `nahtlos train` runs (their configs in
+# pretrained/ write to build/pretrained/), prediction-only export.
+pretrained: $(STAMP)
+	mkdir -p build/pretrained
+	$(VENV)/bin/nahtlos synth embryo build/pretrained/embryo-train.zarr --shape 128,384,384 \
+	  --seed 1 --overwrite --preview build/pretrained/embryo-train.png
+	for norm in instance batchrenorm; do \
+	  $(VENV)/bin/nahtlos train pretrained/embryo-$$norm.yaml && \
+	  $(VENV)/bin/nahtlos export build/pretrained/embryo-$$norm/model.pt \
+	    src/nahtlos/pretrained/embryo-$$norm.pt --overwrite || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -16,12 +16,14 @@ unpickled): a dictionary of tensors and plain Python values,
 ``config``         the full training configuration (:class:`~nahtlos.config.TrainingConfig`
                    as JSON-able dict); the network is rebuilt from ``config["model"]``
 ``model``          the network's ``state_dict``
-``optimizer``      the optimizer's ``state_dict`` (``None`` in converted checkpoints)
+``optimizer``      the optimizer's ``state_dict`` (``None`` in converted and exported
+                   checkpoints)
 ``schedule``       the BatchRenorm schedule's ``state_dict`` (or ``None``)
 ``step``           optimizer steps done
 ``rng``            random states: ``torch`` (ByteTensor), ``cuda`` (list of ByteTensors),
                    ``numpy`` (legacy global state as plain values), ``python``
-``sampler``        the patch sampler's state (its numpy generator)
+``sampler``        the patch sampler's state (its numpy generator; ``None`` in exported
+                   checkpoints)
 ``prediction``     what prediction needs, also returned by :func:`load_model` as
                    metadata: ``arch``, ``norm``, ``ndim``, ``in_channels``,
                    ``out_channels``, ``classes``, ``labels`` (``instances``: ground
@@ -58,6 +60,7 @@ __all__ = [
     "LoadedModel",
     "capture_rng_state",
     "convert_checkpoint",
+    "export_checkpoint",
     "is_checkpoint",
     "load_model",
     "read_checkpoint",
@@ -378,6 +381,48 @@ def convert_checkpoint(
         sampler=state.get("sampler"),
         rng=state["rng"],
     )
+
+
+def export_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a prediction-only copy of a project checkpoint: no optimizer state.
+
+    Adam keeps two moments per parameter, so a training checkpoint is about three
+    times the size of its weights. The copy keeps everything prediction and
+    fine-tuning need: configuration, weights (running statistics included),
+    prediction metadata, step, BatchRenorm schedule and random states. It drops the
+    optimizer and the patch sampler: ``nahtlos train --resume COPY`` fine-tunes with a
+    fresh Adam and a freshly seeded sampler.
+
+    Parameters
+    ----------
+    src
+        A checkpoint written by ``nahtlos train`` (or :func:`convert_checkpoint`).
+    dst
+        Where to write the copy (atomically).
+    overwrite
+        Replace an existing ``dst``.
+
+    Raises
+    ------
+    InputNotFoundError, FormatError
+        If ``src`` is missing or not a nahtlos checkpoint, or ``dst`` exists.
+    """
+    out = Path(dst)
+    if out.exists() and not overwrite:
+        raise FormatError(f"output {str(out)!r} exists; remove it or pass overwrite")
+    state = read_checkpoint(src)
+    if out.resolve() == Path(src).resolve():
+        raise FormatError(f"export {str(src)!r} to another file, not onto itself")
+    state = {**state, "optimizer": None, "sampler": None}
+    tmp = out.with_name(f".{out.name}.partial")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out
 
 
 def _convert_loaded(loaded: Any, dst: Path, to: str, kwargs: dict[str, Any]) -> Path:
