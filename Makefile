@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
 	@touch $(STAMP)
 
-# ~3 minutes on 2 CPU cores: a 64 Mi-voxel volume predicted by two shipped networks
+# ~1.5 minutes on 2 CPU cores: a 64 Mi-voxel volume predicted by the shipped networks
 demo: $(STAMP)
 	$(VENV)/bin/nahtlos demo
 
