@@ -44,19 +44,6 @@ from .errors import (
     ShapeMismatchError,
 )
 
-
-def _output_compressors() -> Any:
-    """Codecs of prediction outputs: zstd at level 1.
-
-    Predicted probabilities are noise-like and compress about 1.4-fold whatever the level:
-    on float16 sigmoid outputs zstd level 1 reached the ratio of zarr's default (level 3)
-    while encoding four times faster (790 against 196 MiB/s), and encoding was the largest
-    CPU cost of out-of-core prediction besides the network.
-    """
-    from zarr.codecs import ZstdCodec
-
-    return (ZstdCodec(level=1),)
-
 __all__ = [
     "INPUT_FORMATS",
     "OUTPUT_DTYPES",
@@ -888,6 +875,19 @@ def _check_complete(path: Path, node: Any) -> None:
 
 
 # --------------------------------------------------------------------------- outputs
+
+
+def _output_compressors() -> Any:
+    """Codecs of prediction outputs: zstd at level 1.
+
+    Predicted probabilities are noise-like and compress about 1.4-fold whatever the level:
+    on float16 sigmoid outputs zstd level 1 reached the ratio of zarr's default (level 3)
+    while encoding four times faster (790 against 196 MiB/s), and encoding was the largest
+    CPU cost of out-of-core prediction besides the network.
+    """
+    from zarr.codecs import ZstdCodec
+
+    return (ZstdCodec(level=1),)
 
 
 def _convert(values: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
