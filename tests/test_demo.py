@@ -45,6 +45,24 @@ def _prepare(name, image):
     return loaded, meta, norm
 
 
+def _assert_stitching(name, tiled, image):
+    """Tiled == the whole image in one pass for BatchRenorm; InstanceNorm differs."""
+    loaded, meta, norm = _prepare(name, image)
+    whole = predict_whole(
+        loaded.module,
+        image,
+        meta["halo"],
+        meta["alignment"],
+        input_transform=norm,
+        output_transform=torch.sigmoid,
+    )
+    difference = float(np.abs(tiled - whole).max())
+    if name == "embryo-batchrenorm":
+        assert difference <= TOL  # seamless: tiles stitch into the whole-image prediction
+    else:
+        assert difference > 100 * TOL  # InstanceNorm: tile statistics show
+
+
 @pytest.mark.parametrize("name", PRETRAINED_MODELS)
 def test_pretrained_checkpoints_are_small_and_prediction_only(name):
     path = pretrained_path(name)
@@ -83,19 +101,7 @@ def test_pretrained_load_and_segment_unseen_nuclei(name, embryo):
     assert dice(masks[1], classes == FOREGROUND) > 0.5
     share = float((classes == BOUNDARIES).mean())
     assert dice(masks[0], classes == BOUNDARIES) > 5 * (2 * share / (1 + share))
-    whole = predict_whole(
-        loaded.module,
-        image,
-        meta["halo"],
-        meta["alignment"],
-        input_transform=norm,
-        output_transform=torch.sigmoid,
-    )
-    difference = float(np.abs(tiled - whole).max())
-    if name == "embryo-batchrenorm":
-        assert difference <= TOL  # seamless: tiles stitch into the whole-image prediction
-    else:
-        assert difference > 100 * TOL  # InstanceNorm: tile statistics show
+    _assert_stitching(name, tiled, image)
 
 
 def test_unknown_pretrained_name():
@@ -146,21 +152,8 @@ def test_demo_tiny(tmp_path):
 
     # stitched out-of-core output vs the whole volume in one pass (independent reference)
     for name in PRETRAINED_MODELS:
-        loaded, meta, norm = _prepare(name, image)
-        whole = predict_whole(
-            loaded.module,
-            image,
-            meta["halo"],
-            meta["alignment"],
-            input_transform=norm,
-            output_transform=torch.sigmoid,
-        )
         stitched = np.asarray(open_source(by_name[name].prediction).array[...])
-        difference = float(np.abs(stitched - whole).max())
-        if name == "embryo-batchrenorm":
-            assert difference <= TOL
-        else:
-            assert difference > 100 * TOL
+        _assert_stitching(name, stitched, image)
 
     brn, inn = by_name["embryo-batchrenorm"], by_name["embryo-instance"]
     assert brn.tile_mismatch == "no" and brn.seamless and brn.seam <= TOL
