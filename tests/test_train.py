@@ -450,3 +450,38 @@ def test_channel_mismatch_and_torchscript_are_told_apart(files, tmp_path):
     torch.save({"weights": net.state_dict()}, tmp_path / "plain.pt")
     with pytest.raises(FormatError, match="not a nahtlos checkpoint"):
         load_model(tmp_path / "plain.pt")
+
+
+def test_export_drops_the_optimizer_and_still_predicts_and_fine_tunes(files, tmp_path):
+    cfg = _config(files, tmp_path, steps=3, val_every=100)
+    train(cfg, progress=False)
+    src, dst = tmp_path / "run" / "model.pt", tmp_path / "small.pt"
+    result = runner.invoke(app, ["export", str(src), str(dst)])
+    assert result.exit_code == 0, result.output
+    full, small = read_checkpoint(src), read_checkpoint(dst)
+    assert full["optimizer"] is not None and small["optimizer"] is None
+    assert small["sampler"] is None
+    assert dst.stat().st_size < src.stat().st_size / 2  # Adam keeps two moments per weight
+    assert small["config"] == full["config"] and small["prediction"] == full["prediction"]
+    for key, value in full["model"].items():
+        assert torch.equal(small["model"][key], value), key
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_model(dst).module(x), load_model(src).module(x), rtol=0, atol=0
+        )
+    # an existing output is refused unless --overwrite, and a checkpoint never overwrites itself
+    again = runner.invoke(app, ["export", str(src), str(dst)])
+    assert again.exit_code == 2 and "exists" in again.output
+    assert runner.invoke(app, ["export", str(src), str(dst), "--overwrite"]).exit_code == 0
+    onto = runner.invoke(app, ["export", str(src), str(src), "--overwrite"])
+    assert onto.exit_code == 2 and "itself" in onto.output
+    assert read_checkpoint(src)["optimizer"] is not None
+    # the step count travels with the copy: two more steps, with a fresh Adam and sampler
+    tuned = train(
+        load_config(None, ["train.steps=5", f"out={tmp_path / 'tuned'}"], base=small["config"]),
+        resume=dst,
+        progress=False,
+    )
+    assert tuned.start_step == 3 and len(tuned.losses) == 2
+    assert all(np.isfinite(tuned.losses))
