@@ -18,7 +18,9 @@ def register(app: typer.Typer) -> None:
 
 @cli_errors
 def rf(
-    model: Annotated[Path, typer.Argument(help="TorchScript file (torch.jit.save).")],
+    model: Annotated[
+        Path, typer.Argument(help="A nahtlos checkpoint or a TorchScript file (torch.jit.save).")
+    ],
     dims: Annotated[
         int | None,
         typer.Option(min=2, max=3, help="Spatial dimensions (default: the model's metadata)."),
