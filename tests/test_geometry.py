@@ -61,9 +61,13 @@ def test_unaligned_block_is_rejected_with_the_working_values():
 
 
 def test_auto_rounds_up_with_a_warning():
-    with pytest.warns(NahtlosWarning, match="halo 5 along axis Y rounded up to 8"):
+    with pytest.warns(NahtlosWarning) as caught:
         grid = BlockGrid((64, 64), block=32, halo=5, alignment=4, auto=True)
     assert grid.halo == (8, 8)
+    # one warning naming every axis that was rounded
+    assert len(caught) == 1
+    assert "halo 5 along axis Y rounded up to 8" in str(caught[0].message)
+    assert "halo 5 along axis X rounded up to 8" in str(caught[0].message)
 
 
 @pytest.mark.parametrize(

@@ -212,17 +212,16 @@ class BlockGrid:
         auto: bool,
     ) -> tuple[int, ...]:
         out = []
+        rounded = []
         for name, v, a in zip(names, values, alignment, strict=True):
             if v % a == 0:
                 out.append(v)
                 continue
             down, up = (v // a) * a, _round_up(v, a)
             if auto:
-                warnings.warn(
+                rounded.append(
                     f"{what} {v} along axis {name} rounded up to {up}, the next multiple of "
-                    f"the alignment {a}",
-                    NahtlosWarning,
-                    stacklevel=4,
+                    f"the alignment {a}"
                 )
                 out.append(up)
                 continue
@@ -231,6 +230,8 @@ class BlockGrid:
                 f"{what} {v} along axis {name} is not a multiple of the network's alignment "
                 f"{a} (its total down-sampling factor); use {choices}, or pass auto values"
             )
+        if rounded:  # one warning for all axes, not one per axis
+            warnings.warn("; ".join(rounded), NahtlosWarning, stacklevel=4)
         return tuple(out)
 
     @property
