@@ -27,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .errors import BlockShapeError, NahtlosError
-from .geometry import BlockGrid, as_per_axis, axis_names
+from .geometry import BlockGrid, _round_up, as_per_axis, axis_names
+from .predict import _model_device_dtype
 from .receptive_field import ReceptiveField, receptive_field, recommend_halo
 
 __all__ = [
@@ -144,13 +145,6 @@ class _PeakTracker(TorchDispatchMode):
         return out
 
 
-def _model_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def forward_peak_memory(
     model: torch.nn.Module,
     in_channels: int,
@@ -163,7 +157,7 @@ def forward_peak_memory(
     Measured on the model's device: with the CUDA allocator's peak on a GPU, with a
     dispatch mode that tracks every tensor's allocation and release on the CPU.
     """
-    dev, dtype = _model_dtype(model)
+    dev, dtype = _model_device_dtype(model)
     x = torch.rand((batch_size, in_channels, *window), dtype=dtype, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -231,7 +225,7 @@ def memory_model(
     align = as_per_axis(alignment, ndim, "alignment")
     small = tuple(_round_up(max(24, 2 * a), a) for a in align)
     large = tuple(2 * s for s in small)
-    dev, dtype = _model_dtype(model)
+    dev, dtype = _model_device_dtype(model)
     try:
         with torch.inference_mode():
             out = model(torch.zeros((1, in_channels, *small), dtype=dtype, device=dev))
@@ -250,10 +244,6 @@ def memory_model(
     per_voxel = max(peaks[1] - peaks[0], 0) / (math.prod(large) - math.prod(small))
     fixed = max(peaks[0] - per_voxel * math.prod(small), 0.0)
     return MemoryModel(fixed, per_voxel, in_channels, out_channels, batch_size, prefetch)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-int(value) // int(multiple)) * int(multiple)
 
 
 def choose_block(
@@ -436,7 +426,7 @@ def auto_geometry(
     mm = None
     budget = None
     if block is None:
-        dev, _ = _model_dtype(model)
+        dev, _ = _model_device_dtype(model)
         budget = (
             int(max_memory)
             if max_memory is not None

@@ -64,6 +64,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import NahtlosError
+from .geometry import _round_up
 
 __all__ = [
     "PRESETS",
@@ -439,10 +440,6 @@ def _dataset_files(out: Path, preset: Preset, dataset: str) -> dict[str, list[_I
 
 
 # ----------------------------------------------------------------------------- geometry
-
-
-def _round_up(v: int, m: int) -> int:
-    return -(-v // m) * m
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def as_per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, 
 
 
 def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+    """``value`` rounded up to a multiple of ``multiple`` (numpy integers accepted)."""
+    return -(-int(value) // int(multiple)) * int(multiple)
 
 
 @dataclass(frozen=True)

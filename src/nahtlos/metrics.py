@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import BlockShapeError, ShapeMismatchError
-from .geometry import as_per_axis, axis_names
+from .geometry import _round_up, as_per_axis, axis_names
 from .predict import ArrayLike, predict_blockwise, split_channels
 
 __all__ = [
@@ -199,10 +199,6 @@ class TileMismatch:
             "split_axis": self.split_axis,
             "n_windows": len(self.windows),
         }
-
-
-def _round_up(v: int, m: int) -> int:
-    return -(-v // m) * m
 
 
 def _window_origins(
