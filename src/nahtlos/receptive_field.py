@@ -73,7 +73,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import LoadedModel
 from .errors import NahtlosError, NahtlosWarning, ShapeMismatchError
-from .geometry import as_per_axis, axis_names
+from .geometry import _round_up, as_per_axis, axis_names
 
 __all__ = [
     "MASSES",
@@ -361,10 +361,6 @@ def _list(v: Sequence[int] | None) -> list[int] | None:
     return None if v is None else [int(x) for x in v]
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-int(value) // int(multiple)) * int(multiple)
-
-
 def _erf_radius(erf: np.ndarray, center: Sequence[int], mass: float) -> tuple[int, ...]:
     total = float(erf.sum())
     radii = []
@@ -515,6 +511,21 @@ def _reduce_except_channels(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=[d for d in range(t.dim()) if d != 1])
 
 
+def _affine_norm_grads(
+    grad_out: torch.Tensor,
+    scale: torch.Tensor,
+    normalized: torch.Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``normalized * weight + bias`` with the statistics held constant:
+    input, weight and bias (per channel), as ``output_mask`` asks."""
+    return (
+        grad_out * scale if output_mask[0] else None,
+        _reduce_except_channels(grad_out * normalized) if output_mask[1] else None,
+        _reduce_except_channels(grad_out) if output_mask[2] else None,
+    )
+
+
 def _frozen_batch_norm_backward(
     func: Any,
     grad_out: torch.Tensor,
@@ -538,11 +549,7 @@ def _frozen_batch_norm_backward(
     invstd = save_invstd.reshape(shape)
     scale = invstd if weight is None else invstd * weight.reshape(shape)
     normalized = (input - save_mean.reshape(shape)) * invstd
-    return (
-        grad_out * scale if output_mask[0] else None,
-        _reduce_except_channels(grad_out * normalized) if output_mask[1] else None,
-        _reduce_except_channels(grad_out) if output_mask[2] else None,
-    )
+    return _affine_norm_grads(grad_out, scale, normalized, output_mask)
 
 
 def _frozen_group_norm_backward(
@@ -565,11 +572,7 @@ def _frozen_group_norm_backward(
     mean_c = mean.reshape(n, group).repeat_interleave(per_channel, dim=1).reshape(shape)
     scale = rstd_c if weight is None else rstd_c * weight.reshape(_channel_shape(input))
     normalized = (input - mean_c) * rstd_c
-    return (
-        grad_out * scale if output_mask[0] else None,
-        _reduce_except_channels(grad_out * normalized) if output_mask[1] else None,
-        _reduce_except_channels(grad_out) if output_mask[2] else None,
-    )
+    return _affine_norm_grads(grad_out, scale, normalized, output_mask)
 
 
 def _frozen_layer_norm_backward(
