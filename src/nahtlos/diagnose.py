@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import LoadedModel, load_model
 from .errors import BlockShapeError, NahtlosError, NahtlosWarning, ShapeMismatchError
-from .geometry import BlockGrid, as_per_axis, axis_names
+from .geometry import BlockGrid, _round_up, as_per_axis, axis_names
 from .global_stats import compute_global_stats, freeze_norms, tile_norm_layers
 from .intensity import InputNormalization
 from .io import open_image
@@ -450,10 +450,6 @@ def _lcm(values: Sequence[int]) -> int:
     for v in values:
         out = out * v // math.gcd(out, v)
     return out
-
-
-def _round_up(v: int, m: int) -> int:
-    return -(-v // m) * m
 
 
 def _default_tile(spatial: tuple[int, ...], alignment: tuple[int, ...]) -> tuple[int, ...]:
@@ -940,6 +936,7 @@ def diagnose(
 
             # 9. figures and verdict
             bar.set_postfix_str(_STEPS[8])
+            layers = normalization_layers(module)
             verdict = _verdict(
                 model_kind=loaded.kind,
                 frozen=frozen,
@@ -947,7 +944,7 @@ def diagnose(
                 seam=seam_info,
                 disparity=disparity,
                 rf=rf,
-                layers=normalization_layers(module),
+                layers=layers,
                 norm=norm,
                 halo=halo_t,
                 halo_source=halo_source,
@@ -1021,7 +1018,7 @@ def diagnose(
         train_eval_disparity=disparity,
         worst_tile=worst,
         receptive_field=rf,
-        normalization_layers=normalization_layers(module),
+        normalization_layers=layers,
         dice=dice_scores,
         sweep=sweep,
         timings=timings,
