@@ -399,6 +399,26 @@ def predict_file(
     out_transform = _activation(activation)
     if scheduler is None:
         prefetch = 2 if max_windows is None else max(1, (max_windows // batch_size - 1) // 2)
+
+        def run_in_process(out: Any, **extra: Any) -> None:
+            predict_blockwise(
+                module,
+                read_view.array,
+                grid.block,
+                grid.halo,
+                grid.alignment,
+                ndim=ndim,
+                batch_size=batch_size,
+                device=dev,
+                out=out,
+                input_transform=normalization,
+                output_transform=out_transform,
+                prefetch=prefetch,
+                progress=progress,
+                stats=stats,
+                **extra,
+            )
+
         if not zarr_out:
             pending = PendingOutput(
                 out_path,
@@ -410,22 +430,7 @@ def predict_file(
                 units=units,
             )
             try:
-                predict_blockwise(
-                    module,
-                    read_view.array,
-                    grid.block,
-                    grid.halo,
-                    grid.alignment,
-                    ndim=ndim,
-                    batch_size=batch_size,
-                    device=dev,
-                    out=pending,
-                    input_transform=normalization,
-                    output_transform=out_transform,
-                    prefetch=prefetch,
-                    progress=progress,
-                    stats=stats,
-                )
+                run_in_process(pending)
                 pending.commit()
             except BaseException:
                 pending.discard()
@@ -447,23 +452,10 @@ def predict_file(
             made.append(create_store(shape))
             return made[0]
 
-        predict_blockwise(
-            module,
-            read_view.array,
-            grid.block,
-            grid.halo,
-            grid.alignment,
-            ndim=ndim,
-            batch_size=batch_size,
-            device=dev,
-            out=store if store is not None else factory,
-            input_transform=normalization,
-            output_transform=out_transform,
+        run_in_process(
+            store if store is not None else factory,
             blocks=[blk for batch in todo for blk in batch],
             on_block_done=lambda blk: made[0].mark_done(blk),
-            prefetch=prefetch,
-            progress=progress,
-            stats=stats,
         )
         if not made:  # an empty plan cannot happen for a non-empty image
             raise RuntimeError("no block was predicted")
