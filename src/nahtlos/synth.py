@@ -833,6 +833,16 @@ class _Nuclei(_Generator):
     def _candidates(self) -> np.ndarray:
         raise NotImplementedError
 
+    def _nucleus_maps(
+        self, labels: np.ndarray, extras: dict[str, np.ndarray]
+    ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]:
+        """The tile without its one-voxel rim, and there: labels, the radial coordinate
+        inside each nucleus, and each voxel's nucleus brightness (0 outside nuclei)."""
+        inner = (slice(1, -1),) * self.ndim
+        bright = np.concatenate([[0.0], self.objects.attrs["bright"]]).astype(np.float32)
+        lab = labels[inner]
+        return inner, lab, extras["rho"][inner], bright[lab]
+
     def _make_objects(self) -> _Objects:
         self.region, self.threshold = self._region()
         cand = self._candidates()
@@ -940,10 +950,7 @@ class _Plants(_Nuclei):
         labels: np.ndarray,
         extras: dict[str, np.ndarray],
     ) -> np.ndarray:
-        inner = (slice(1, -1),) * self.ndim
-        lab = labels[inner]
-        rho = extras["rho"][inner]
-        bright = np.concatenate([[0.0], self.objects.attrs["bright"]]).astype(np.float32)[lab]
+        inner, lab, rho, bright = self._nucleus_maps(labels, extras)
         fine = self._tex(1, origin, shape, 0.8)
         chromo = self._tex(2, origin, shape, 0.9)
         auto = self._tex(3, origin, shape, 3.0)
@@ -1006,10 +1013,7 @@ class _Embryo(_Nuclei):
         labels: np.ndarray,
         extras: dict[str, np.ndarray],
     ) -> np.ndarray:
-        inner = (slice(1, -1),) * self.ndim
-        lab = labels[inner]
-        rho = extras["rho"][inner]
-        bright = np.concatenate([[0.0], self.objects.attrs["bright"]]).astype(np.float32)[lab]
+        inner, lab, rho, bright = self._nucleus_maps(labels, extras)
         mitotic = np.concatenate([[0.0], self.objects.attrs["mitotic"]])[lab] > 0
         fine = self._tex(1, origin, shape, 0.9)
         chromo = self._tex(2, origin, shape, 1.1)
