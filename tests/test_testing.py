@@ -31,6 +31,13 @@ def test_failure_message_names_value_channel_voxel_and_block():
     assert value > 1.0
 
 
+def test_failure_message_with_auto_rounding_names_the_rounded_block():
+    image = np.arange(32 * 24, dtype=np.float32).reshape(32, 24) / 100
+    with pytest.raises(AssertionError) as info, pytest.warns(UserWarning, match="rounded up"):
+        assert_blockwise_equal(GlobalMean(), image, [(15, 7)], halo=0, alignment=2, auto=True)
+    assert "block (16, 8)" in str(info.value)
+
+
 def test_pointwise_model_passes_with_zero_halo():
     image = np.random.default_rng(0).normal(size=(9, 11, 13)).astype(np.float32)
     assert assert_blockwise_equal(torch.nn.Tanh(), image, [(4, 4, 4), (8, 5, 3)], halo=0) == 0.0

@@ -8,6 +8,7 @@ Use them in your own test suite::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -119,7 +120,11 @@ def assert_blockwise_equal(
         value, where = largest_difference(np.asarray(got), ref)
         worst = max(worst, value)
         if value > atol:
-            grid = BlockGrid(ref.shape[1:], block, halo, alignment)
+            # the grid predict_blockwise used, rounded the same way when auto=True
+            auto = bool(predict_kwargs.get("auto", False))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # predict_blockwise already warned
+                grid = BlockGrid(ref.shape[1:], block, halo, alignment, auto=auto)
             voxel = where[1:]
             blk = tuple(v // b for v, b in zip(voxel, grid.block, strict=True))
             coords = ", ".join(f"{n}={v}" for n, v in zip(names, voxel, strict=True))
