@@ -1617,6 +1617,7 @@ def _figures(
             axes=(names[-2], names[-1]),
             where=f"{names[0]} = {z} (central slice)" if z is not None else "",
             channel=channel_names[c],
+            tolerance=tolerance,
         )
     )
     # train vs eval: the worst tile, the channel where it differs most

@@ -148,6 +148,8 @@ class SeamView:
         Which slice this is (empty for 2D images).
     channel
         Name of the channel shown.
+    tolerance
+        Largest difference still called "no seams" (the diagnosis' tolerance).
     """
 
     image: np.ndarray
@@ -158,6 +160,7 @@ class SeamView:
     axes: tuple[str, str]
     where: str
     channel: str
+    tolerance: float = 1e-5
 
 
 @dataclass
@@ -255,7 +258,7 @@ def seam_figure(view: SeamView) -> bytes:
         norm=LogNorm(vmin=floor, vmax=1.0),
         interpolation="nearest",
     )
-    verdict = "no seams" if largest <= 1e-5 else "seams"
+    verdict = "no seams" if largest <= view.tolerance else "seams"
     axs[3].set_title(f"|tiled − whole|, all channels\nlargest {largest:.2g}: {verdict}")
     fig.colorbar(sm, ax=axs[3], shrink=0.8, label="absolute difference (log)")
     for ax in axs:
