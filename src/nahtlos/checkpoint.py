@@ -423,17 +423,3 @@ def export_checkpoint(
     torch.save(state, tmp)
     os.replace(tmp, out)
     return out
-
-
-def _convert_loaded(loaded: Any, dst: Path, to: str, kwargs: dict[str, Any]) -> Path:
-    return convert_checkpoint(loaded, dst, to, **kwargs)
-
-
-def _register_converter() -> None:
-    # `nahtlos convert` dispatches on LoadedModel.kind through this registry
-    from .norms import FILE_CONVERTERS
-
-    FILE_CONVERTERS["checkpoint"] = _convert_loaded
-
-
-_register_converter()

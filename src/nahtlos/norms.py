@@ -23,7 +23,7 @@ import importlib.machinery
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -771,14 +771,6 @@ def convert_norms(
 # Model files
 # ---------------------------------------------------------------------------------------
 
-FileConverter = Callable[[Any, Path, str, dict[str, Any]], Path]
-"""``(loaded_model, dst, to, kwargs) -> written path`` for one ``LoadedModel.kind``."""
-
-#: Converters of model files by ``LoadedModel.kind``. A kind whose loader gives the
-#: Python model (a nahtlos checkpoint) adds an entry that calls :func:`convert_norms`
-#: and saves the result in its own format.
-FILE_CONVERTERS: dict[str, FileConverter] = {}
-
 
 def _scripted_norm_counts(module: nn.Module) -> dict[str, int]:
     names = {"BatchNorm", "InstanceNorm", "GroupNorm", "BatchRenorm", "SyncBatchNorm"}
@@ -818,19 +810,19 @@ def convert_model_file(
 ) -> Path:
     """Convert the norm layers of the model file ``src`` to kind ``to`` and write ``dst``.
 
-    The file is loaded with :func:`nahtlos.checkpoint.load_model` and handled by the
-    converter registered for its kind in :data:`FILE_CONVERTERS`. TorchScript files
+    The file is loaded with :func:`nahtlos.checkpoint.load_model`; a nahtlos checkpoint
+    is converted by :func:`nahtlos.checkpoint.convert_checkpoint`. TorchScript files
     cannot be converted (see :func:`convert_norms`); the error says what to do instead.
 
     Raises
     ------
     NormError
-        For an unknown ``to``, an existing ``dst`` without ``overwrite``, or a model
-        kind that cannot be converted.
+        For an unknown ``to``, an existing ``dst`` without ``overwrite``, or a
+        TorchScript file.
     InputNotFoundError
         If ``src`` or the folder of ``dst`` does not exist.
     """
-    from .checkpoint import load_model
+    from .checkpoint import convert_checkpoint, load_model
 
     _check_name(to)
     out = Path(dst)
@@ -841,11 +833,4 @@ def convert_model_file(
     loaded = load_model(src)
     if loaded.kind == "torchscript":
         raise _torchscript_error(loaded, to)
-    converter = FILE_CONVERTERS.get(loaded.kind)
-    if converter is None:
-        known = ", ".join(sorted(FILE_CONVERTERS)) or "none yet"
-        raise NormError(
-            f"cannot convert {str(src)!r}: models of kind {loaded.kind!r} have no converter "
-            f"(convertible kinds: {known})"
-        )
-    return converter(loaded, out, to, kwargs)
+    return convert_checkpoint(loaded, out, to, **kwargs)
