@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -159,13 +158,6 @@ def _central_region(
         start = max(0, (n - s) // 2) // alignment * alignment
         region.append(slice(start, start + s))
     return tuple(region)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 @dataclass
@@ -320,7 +312,7 @@ def run_demo(
     -------
     DemoResult
     """
-    from .io import open_image, open_source
+    from .io import _remove, open_image, open_source
     from .pretrained import load_pretrained
     from .synth import write_synthetic
 

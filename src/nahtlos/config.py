@@ -47,7 +47,6 @@ __all__ = [
     "validate_config",
 ]
 
-ARCHS = ("unet", "unetr")
 NORMS = NORM_NAMES
 AXIS_NAMES = {2: "yx", 3: "zyx"}
 

@@ -502,7 +502,7 @@ def predict_file(
         channels_out = _warm_workers(client, job, model_ref, channels_in, grid.window_shape)
         if store is None:
             store = create_store((channels_out, *spatial_shape))
-        job = _replace_run_id(job, str(store.plan.get("run_id", "")))
+        job = replace(job, run_id=str(store.plan.get("run_id", "")))
         phase("startup")
         in_flight = (
             max(1, max_windows // batch_size) if max_windows else _worker_threads(client) * 2
@@ -606,10 +606,6 @@ def _check_plan(path: Path, stored: dict[str, Any], plan: dict[str, Any]) -> Non
                 f"cannot resume {str(path)!r}: it was started with {key}={old!r} but this run "
                 f"has {key}={value!r}; resume with the same settings or pass --overwrite"
             )
-
-
-def _replace_run_id(job: _Job, run_id: str) -> _Job:
-    return replace(job, run_id=run_id)
 
 
 # --------------------------------------------------------------------------- Dask

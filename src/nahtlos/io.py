@@ -1233,11 +1233,6 @@ class PredictionStore:
         except Exception:  # a store damaged beyond its record of blocks
             return 0, total
 
-    def update_plan(self, **values: Any) -> None:
-        """Add entries to the stored plan (e.g. input percentiles computed once)."""
-        self.info = {**self.info, "plan": {**self.plan, **values}}
-        self.node.attrs["nahtlos"] = self.info
-
     # ----------------------------------------------------------------- writing
 
     def _arrays(self) -> tuple[list[Any], dict[str, list[Any]]]:

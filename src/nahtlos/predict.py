@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,7 +59,6 @@ class PredictionStats:
     forward: float = 0.0
     waiting: float = 0.0
     total: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def overhead_fraction(self) -> float:
