@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .checkpoint import LoadedModel, load_model
 from .errors import BlockFailedError, FormatError, NahtlosWarning, SettingsError
 from .geometry import Block, BlockGrid
-from .intensity import InputNormalization, streaming_percentiles
+from .intensity import InputNormalization
 from .io import (
     ChunkCache,
     ImageSource,
@@ -345,14 +345,12 @@ def predict_file(
         if normalization.mode == "global" and normalization.values is None:
             channel_axis = 0 if view.axes[0] == "c" else None
             # one streaming pass, read in pieces of about the input's chunks
-            pct = streaming_percentiles(
+            normalization.fit(
                 view.array,
-                (normalization.low, normalization.high),
                 channel_axis=channel_axis,
                 chunks=_read_chunks(view, channel_axis),
                 progress=progress,
-            ).reshape(-1, 2)
-            normalization.values = [(float(a), float(b)) for a, b in pct]
+            )
             plan["normalization"] = normalization.to_dict()
     phase("percentiles")
 

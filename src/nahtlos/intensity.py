@@ -254,12 +254,24 @@ class InputNormalization:
             )
 
     def fit(
-        self, image: Any, channel_axis: int | None = None, progress: bool = False
+        self,
+        image: Any,
+        channel_axis: int | None = None,
+        progress: bool = False,
+        chunks: Sequence[int] | None = None,
     ) -> InputNormalization:
-        """Compute the global percentiles of ``image`` (out of core); returns ``self``."""
+        """Compute the global percentiles of ``image`` (out of core); returns ``self``.
+
+        ``chunks`` is the shape of the pieces read at a time (default: the array's
+        chunks grown to about 16M values); see :func:`streaming_percentiles`.
+        """
         if self.mode == "global":
             p = streaming_percentiles(
-                image, (self.low, self.high), channel_axis=channel_axis, progress=progress
+                image,
+                (self.low, self.high),
+                channel_axis=channel_axis,
+                chunks=chunks,
+                progress=progress,
             )
             p = p.reshape(-1, 2)
             self.values = [(float(a), float(b)) for a, b in p]
