@@ -41,7 +41,13 @@ from tqdm.auto import tqdm
 
 from .errors import NahtlosError, ShapeMismatchError
 from .geometry import Block, BlockGrid, as_per_axis
-from .predict import ArrayLike, _model_device_dtype, resolve_device, split_channels
+from .predict import (
+    ArrayLike,
+    _model_device_dtype,
+    _resolve_ndim,
+    resolve_device,
+    split_channels,
+)
 
 __all__ = [
     "FrozenNorm",
@@ -279,10 +285,6 @@ class _ZeroPadded:
         return out
 
 
-def _infer_ndim(image: ArrayLike) -> int:
-    return len(image.shape) if len(image.shape) <= 3 else len(image.shape) - 1
-
-
 def _stats_fingerprint(
     model: torch.nn.Module,
     image: ArrayLike,
@@ -405,9 +407,7 @@ def compute_global_stats(
             "tile-wise input normalization makes every tile's input depend on the tile: "
             "whole-image statistics need global input normalization"
         )
-    nd = ndim if ndim is not None else (len(tuple(block)) if not isinstance(block, int) else None)
-    if nd is None:
-        nd = len(image.shape) if len(image.shape) <= 3 else len(image.shape) - 1
+    nd = _resolve_ndim(image, block, ndim)
     channels = split_channels(image, nd)
     spatial = tuple(int(s) for s in image.shape[-nd:])
     align = as_per_axis(alignment, nd, "alignment")
@@ -712,9 +712,7 @@ def global_stats_model(
             stats = GlobalNormStats.load(cache)
         except (OSError, ValueError, KeyError):
             stats = None
-    nd = ndim
-    if nd is None:
-        nd = len(tuple(block)) if not isinstance(block, int) else _infer_ndim(image)
+    nd = _resolve_ndim(image, block, ndim)
     expected = _stats_fingerprint(
         model,
         image,

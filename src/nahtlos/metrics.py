@@ -31,7 +31,14 @@ from tqdm.auto import tqdm
 
 from .errors import BlockShapeError, ShapeMismatchError
 from .geometry import _round_up, as_per_axis, axis_names
-from .predict import ArrayLike, predict_blockwise, split_channels
+from .predict import (
+    ArrayLike,
+    _model_device_dtype,
+    _resolve_ndim,
+    predict_blockwise,
+    resolve_device,
+    split_channels,
+)
 
 __all__ = [
     "Activation",
@@ -267,9 +274,7 @@ def tile_mismatch(
     BlockShapeError
         If the window does not fit in the image or is too small for the halo.
     """
-    nd = ndim if ndim is not None else (len(tuple(window)) if not isinstance(window, int) else None)
-    if nd is None:
-        nd = len(image.shape) if len(image.shape) <= 3 else len(image.shape) - 1
+    nd = _resolve_ndim(image, window, ndim)
     channels = split_channels(image, nd)
     spatial = tuple(int(s) for s in image.shape[-nd:])
     names = axis_names(nd)
@@ -320,19 +325,16 @@ def tile_mismatch(
     compare = [slice(h, w - h) for w, h in zip(win, halo_t, strict=True)]
     compare[axis] = slice(valid_lo, valid_hi)
     results: list[dict[str, Any]] = []
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device is not None:
-        from .predict import resolve_device
-
-        dev = resolve_device(device)
-        model.to(dev)
+        model.to(resolve_device(device))
+    dev, dtype = _model_device_dtype(model)
     with measuring_mode(model, train=False), torch.inference_mode():
         for origin in tqdm(
             origins, desc="tile mismatch", unit="window", disable=not progress, leave=False
         ):
             a = read(origin, 0, length)
             b = read(origin, w_ax - length, w_ax)
-            x = torch.from_numpy(np.stack([a, b])).to(dev)
+            x = torch.from_numpy(np.stack([a, b])).to(dev, dtype=dtype)
             y = model(x)
             if act is not None:
                 y = act(y)

@@ -108,6 +108,14 @@ def _infer_ndim(image: ArrayLike) -> int:
     return len(image.shape) if len(image.shape) <= 3 else len(image.shape) - 1
 
 
+def _resolve_ndim(image: ArrayLike, block: int | Sequence[int], ndim: int | None) -> int:
+    """The spatial dimensionality: given, else the length of a per-axis block, else
+    guessed from the image."""
+    if ndim is not None:
+        return ndim
+    return _infer_ndim(image) if isinstance(block, int) else len(tuple(block))
+
+
 def _read_window(
     image: ArrayLike,
     blk: Block,
@@ -229,8 +237,7 @@ def predict_blockwise(
         the window's spatial shape.
     """
     t_start = time.perf_counter()
-    if ndim is None:
-        ndim = _infer_ndim(image) if isinstance(block, int) else len(tuple(block))
+    ndim = _resolve_ndim(image, block, ndim)
     channels = split_channels(image, ndim)
     spatial_shape = tuple(int(s) for s in image.shape[-ndim:])
     grid = BlockGrid(spatial_shape, block, halo, alignment, auto=auto)
