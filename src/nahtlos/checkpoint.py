@@ -104,21 +104,16 @@ class LoadedModel:
 
     def output_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The activation named by the metadata (``sigmoid``/``softmax``), else ``None``."""
+        from .metrics import activation_function
+
         name = self.metadata.get("activation")
-        if name in (None, "none", "identity"):
-            return None
-        if name == "sigmoid":
-            return torch.sigmoid
-        if name == "softmax":
-            return _softmax_channels
-        raise FormatError(
-            f"model {str(self.path)!r} names the activation {name!r}; "
-            "nahtlos knows sigmoid, softmax and none"
-        )
-
-
-def _softmax_channels(x: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(x, dim=1)
+        try:
+            return activation_function(name)
+        except ValueError:
+            raise FormatError(
+                f"model {str(self.path)!r} names the activation {name!r}; "
+                "nahtlos knows sigmoid, softmax and none"
+            ) from None
 
 
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:

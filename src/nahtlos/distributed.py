@@ -53,6 +53,7 @@ from .io import (
     open_source,
     split_key,
 )
+from .metrics import activation_function
 from .predict import PredictionStats, predict_blockwise, resolve_device
 
 __all__ = ["ACTIVATIONS", "PredictionReport", "predict_file"]
@@ -119,14 +120,6 @@ class _Job:
     output: str
     run_id: str
     torch_threads: int | None
-
-
-def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    if name == "sigmoid":
-        return torch.sigmoid
-    if name == "softmax":
-        return functools.partial(torch.softmax, dim=1)
-    return None
 
 
 def _file_digest(path: Path) -> str:
@@ -394,7 +387,7 @@ def predict_file(
         )
 
     stats = PredictionStats()
-    out_transform = _activation(activation)
+    out_transform = activation_function(activation)
     if scheduler is None:
         prefetch = 2 if max_windows is None else max(1, (max_windows // batch_size - 1) // 2)
 
@@ -851,7 +844,7 @@ def _predict_task(job: _Job, model_ref: Any, indices: list[tuple[int, ...]]) -> 
         device=dev,
         out=store,
         input_transform=job.normalization,
-        output_transform=_activation(job.activation),
+        output_transform=activation_function(job.activation),
         blocks=blocks,
         on_block_done=store.mark_done,
         prefetch=1,

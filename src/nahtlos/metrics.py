@@ -68,14 +68,22 @@ _DROPOUT = (
 def activation_function(
     name: Activation | str | None,
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The output activation by name: ``sigmoid`` (per channel), ``softmax`` (over channels) or ``none``."""
-    if name is None or name == "none":
+    """The output activation by name: ``sigmoid`` (per channel), ``softmax`` (over channels) or ``none``.
+
+    ``identity`` is accepted for ``none``. The functions returned can be pickled (sent to
+    Dask workers).
+    """
+    if name is None or name in ("none", "identity"):
         return None
     if name == "sigmoid":
         return torch.sigmoid
     if name == "softmax":
-        return lambda y: torch.softmax(y, dim=1)
+        return _softmax_channels
     raise ValueError(f"activation {name!r} is not one of 'sigmoid', 'softmax', 'none'")
+
+
+def _softmax_channels(y: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(y, dim=1)
 
 
 def binarize(prediction: np.ndarray, threshold: float = 0.5) -> np.ndarray:
