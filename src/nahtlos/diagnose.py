@@ -47,6 +47,7 @@ from .metrics import (
     activation_function,
     binarize,
     dice_per_channel,
+    mask_agreement,
     measuring_mode,
     preserved_state,
     tile_mismatch,
@@ -807,7 +808,7 @@ def diagnose(
             seam_info = {
                 "max_difference": max(per_channel_max),
                 "per_channel_max": per_channel_max,
-                "agreement": _agreement(tiled, whole, threshold),
+                "agreement": mask_agreement(tiled, whole, threshold),
                 "seamless": max(per_channel_max) <= tolerance,
             }
             t = step(_STEPS[3], t)
@@ -1129,8 +1130,8 @@ def _global_statistics(
         "halo": list(g_halo),
         "tile_mismatch": mismatch.to_dict(),
         "max_difference_to_whole": float(np.abs(g_tiled.astype(np.float64) - reference).max()),
-        "agreement_with_whole": _agreement(g_tiled, reference, threshold),
-        "tile_wise_agreement_with_whole": _agreement(tiled, whole, threshold),
+        "agreement_with_whole": mask_agreement(g_tiled, reference, threshold),
+        "tile_wise_agreement_with_whole": mask_agreement(tiled, whole, threshold),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if masks is not None:
@@ -1206,11 +1207,6 @@ def _channel_names(given: Sequence[str] | None, meta: Mapping[str, Any], n: int)
     return [str(x) for x in names]
 
 
-def _agreement(pred: np.ndarray, ref: np.ndarray, threshold: float) -> list[float]:
-    scores = dice_per_channel(binarize(pred, threshold), binarize(ref, threshold))
-    return [float(s) for s in scores if s is not None]
-
-
 def _worst_tile(
     grid: BlockGrid, train: np.ndarray, evaluated: np.ndarray, threshold: float
 ) -> tuple[Any, dict[str, Any]]:
@@ -1221,11 +1217,7 @@ def _worst_tile(
     for blk in grid:
         k = (slice(None), *blk.inner)
         a, b = train[k], evaluated[k]
-        losses = [
-            1.0 - float(s)
-            for s in dice_per_channel(binarize(a, threshold), binarize(b, threshold))
-            if s is not None
-        ]
+        losses = [1.0 - d for d in mask_agreement(a, b, threshold)]
         diff = float(np.abs(a.astype(np.float64) - b).max())
         score = (float(np.mean(losses)), diff)
         if score > best:
@@ -1300,7 +1292,7 @@ def _sweep(
                 window=g.window_shape,
                 blocks=len(g),
                 max_difference=float(np.abs(pred.astype(np.float64) - whole).max()),
-                agreement=_agreement(pred, whole, threshold),
+                agreement=mask_agreement(pred, whole, threshold),
                 dice=scores,
                 seconds=round(time.perf_counter() - t0, 3),
             )

@@ -48,6 +48,7 @@ __all__ = [
     "binarize",
     "dice",
     "dice_per_channel",
+    "mask_agreement",
     "measuring_mode",
     "preserved_state",
     "tile_mismatch",
@@ -127,6 +128,16 @@ def dice_per_channel(
         else:
             scores.append(dice(p, t))
     return scores
+
+
+def mask_agreement(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> list[float]:
+    """Dice per channel between the masks of two predictions (1 where both are empty).
+
+    ``1 - mask_agreement`` is the paper's per-channel tile mismatch and train/eval
+    disparity.
+    """
+    scores = dice_per_channel(binarize(a, threshold), binarize(b, threshold))
+    return [float(s) for s in scores if s is not None]  # never None: no empty-target skip
 
 
 @contextlib.contextmanager
@@ -356,8 +367,7 @@ def tile_mismatch(
             kb[1 + axis] = slice(valid_lo - (w_ax - length), valid_hi - (w_ax - length))
             pa, pb = y[0][tuple(ka)], y[1][tuple(kb)]
             diff = float(np.abs(pa.astype(np.float64) - pb).max()) if pa.size else 0.0
-            scores = dice_per_channel(binarize(pa, threshold), binarize(pb, threshold))
-            loss = [1.0 - float(d) for d in scores if d is not None]
+            loss = [1.0 - d for d in mask_agreement(pa, pb, threshold)]
             results.append({"origin": list(origin), "max_difference": diff, "one_minus_dice": loss})
     indicator = max((r["max_difference"] for r in results), default=0.0)
     n_ch = len(results[0]["one_minus_dice"]) if results else 0
@@ -448,8 +458,7 @@ def train_eval_disparity(
                 )
             )
     train_pred, eval_pred = preds
-    scores = dice_per_channel(binarize(train_pred, threshold), binarize(eval_pred, threshold))
-    per_channel = [1.0 - float(s) for s in scores if s is not None]
+    per_channel = [1.0 - d for d in mask_agreement(train_pred, eval_pred, threshold)]
     return TrainEvalDisparity(
         per_channel=per_channel,
         train_prediction=train_pred if keep_predictions else None,
