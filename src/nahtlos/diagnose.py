@@ -895,7 +895,6 @@ def diagnose(
                     align_t,
                     rf,
                     whole,
-                    tiled,
                     masks,
                     nd,
                     batch_size,
@@ -907,6 +906,11 @@ def diagnose(
                     shape,
                     max_windows,
                 )
+            if global_info is not None:
+                # the tile-wise side of the comparison was measured above
+                global_info["tile_wise_agreement_with_whole"] = seam_info["agreement"]
+                if dice_scores is not None:
+                    global_info["tile_wise_dice"] = dice_scores["eval"]
             t = step(_STEPS[6], t)
 
             # 8. tile-size sweep
@@ -1037,7 +1041,6 @@ def _global_statistics(
     alignment: tuple[int, ...],
     rf: ReceptiveField | None,
     whole: np.ndarray,
-    tiled: np.ndarray,
     masks: np.ndarray | None,
     nd: int,
     batch_size: int,
@@ -1131,14 +1134,10 @@ def _global_statistics(
         "tile_mismatch": mismatch.to_dict(),
         "max_difference_to_whole": float(np.abs(g_tiled.astype(np.float64) - reference).max()),
         "agreement_with_whole": mask_agreement(g_tiled, reference, threshold),
-        "tile_wise_agreement_with_whole": mask_agreement(tiled, whole, threshold),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if masks is not None:
         info["dice"] = dice_per_channel(binarize(g_tiled, threshold), masks, skip_empty_target=True)
-        info["tile_wise_dice"] = dice_per_channel(
-            binarize(tiled, threshold), masks, skip_empty_target=True
-        )
     return info
 
 
