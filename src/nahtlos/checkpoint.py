@@ -360,10 +360,9 @@ def convert_checkpoint(
         raise FormatError(f"{str(loaded.path)!r} is not a nahtlos checkpoint")
     state = read_checkpoint(loaded.path)
     config = validate_config(state["config"], f"in checkpoint {str(loaded.path)!r}")
-    if to in ("batch", "instance_running", "batchrenorm"):
-        kwargs.setdefault("momentum", config.model.momentum)
-    if to == "group" and config.model.groups is not None:
-        kwargs.setdefault("num_groups", config.model.groups)
+    from .models import norm_options
+
+    kwargs = {**norm_options(to, config.model.momentum, config.model.groups), **kwargs}
     module = convert_norms(loaded.module, to, ndim=config.model.ndim, **kwargs)
     new = config.model_copy(deep=True)
     new.model.norm = to

@@ -20,7 +20,6 @@ Paths are relative to the configuration file. Errors name the offending field, e
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -200,7 +199,9 @@ class ModelConfig(_Section):
     @property
     def alignment(self) -> int:
         """The total down-sampling factor: patch and block origins are multiples of it."""
-        return math.prod(self.strides) if self.arch == "unet" else 16
+        from .models import model_alignment
+
+        return model_alignment(self.arch, self.strides)
 
 
 class RenormConfig(_Section):

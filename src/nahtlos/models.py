@@ -27,6 +27,7 @@ __all__ = [
     "build_model",
     "model_alignment",
     "model_from_config",
+    "norm_options",
     "unetr_halo",
 ]
 
@@ -35,14 +36,20 @@ ARCHS = ("unet", "unetr")
 UNETR_PATCH = 16
 
 
-def _norm_argument(norm: str, momentum: float, groups: int | None) -> Any:
-    """MONAI's ``norm=`` argument for a norm name, with the paper's momentum."""
+def norm_options(norm: str, momentum: float, groups: int | None) -> dict[str, Any]:
+    """The options of a norm layer that a model configuration sets: the momentum of
+    norms with running statistics, the number of groups of GroupNorm."""
     kwargs: dict[str, Any] = {}
     if norm in ("batch", "instance_running", "batchrenorm"):
         kwargs["momentum"] = momentum
     if norm == "group" and groups is not None:
         kwargs["num_groups"] = groups
-    return monai_norm(norm, **kwargs)
+    return kwargs
+
+
+def _norm_argument(norm: str, momentum: float, groups: int | None) -> Any:
+    """MONAI's ``norm=`` argument for a norm name, with the paper's momentum."""
+    return monai_norm(norm, **norm_options(norm, momentum, groups))
 
 
 def build_model(
