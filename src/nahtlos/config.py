@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import NahtlosError
+from .intensity import InputNormalization
 from .norms import NORM_NAMES
 
 __all__ = [
@@ -91,6 +92,10 @@ class InputNormConfig(_Section):
         if self.low >= self.high:
             raise ValueError(f"low={self.low} must be below high={self.high}")
         return self
+
+    def build(self) -> InputNormalization:
+        """The (unfitted) :class:`~nahtlos.intensity.InputNormalization` it describes."""
+        return InputNormalization(mode=self.mode, low=self.low, high=self.high, clip=self.clip)
 
 
 class DataConfig(_Section):

@@ -51,7 +51,6 @@ from .data import (
     split_volume,
 )
 from .errors import ShapeMismatchError
-from .intensity import InputNormalization
 from .metrics import activation_function, measuring_mode, preserved_state
 from .models import model_alignment, model_from_config, unetr_halo
 from .predict import predict_blockwise, resolve_device
@@ -167,9 +166,7 @@ def prediction_metadata(
         "alignment": list(align),
         "block": list(block),
         "window": None if window is None else list(window),
-        "input_normalization": InputNormalization(
-            mode=norm.mode, low=norm.low, high=norm.high, clip=norm.clip
-        ).to_dict(),
+        "input_normalization": norm.build().to_dict(),
         # Tile-wise statistics (instance/group norm, tile-wise input scaling, attention)
         # make every output depend on the whole window: no halo stitches them exactly.
         "tile_dependent": bool(tile_dependent or norm.mode == "tilewise"),
@@ -329,9 +326,7 @@ class TrainResult:
 def _volumes(config: TrainingConfig, progress: bool) -> tuple[list[Volume], list[Volume]]:
     d = config.data
     nd = config.model.ndim
-    norm = InputNormalization(
-        mode=d.input_norm.mode, low=d.input_norm.low, high=d.input_norm.high, clip=d.input_norm.clip
-    )
+    norm = d.input_norm.build()
     train_vols = [
         open_volume(v.image, v.labels, nd, input_norm=norm, progress=progress) for v in d.train
     ]
@@ -524,7 +519,7 @@ def train(
         f"{k}_{n}" for k in ("dice_eval", "dice_train", "disparity") for n in names
     ]
     val_log = _Csv(out / "validation.csv", val_columns, start if state is not None else None)
-    block = meta["block"] if cfg_t.val_block is None else list(cfg_t.val_block)
+    block = meta["block"]  # train.val_block, else the patch (prediction_metadata)
     result = TrainResult(out, out / "model.pt", start, cfg_t.steps)
 
     def checkpoint(step: int) -> Path:
