@@ -412,12 +412,10 @@ def compute_global_stats(
     spatial = tuple(int(s) for s in image.shape[-nd:])
     align = as_per_axis(alignment, nd, "alignment")
     halo_t = as_per_axis(halo, nd, "halo")
-    # the statistics domain: the padded image of predict_whole
-    domain = BlockGrid(
-        spatial, tuple(-(-n // a) * a for n, a in zip(spatial, align, strict=True)), halo_t, align
-    ).padded_shape
     # the prediction's own block grid: the statistics passes cost as many windows
     grid = BlockGrid(spatial, block, halo_t, align)
+    # the statistics domain: the padded image of predict_whole
+    domain = grid.padded_shape
     view = _ZeroPadded(image, channels, halo_t, domain, input_transform)
     layers = tile_norm_layers(model, ignore_running_stats)
     fp = _stats_fingerprint(
