@@ -44,6 +44,7 @@ from .io import open_image
 from .metrics import (
     TileMismatch,
     TrainEvalDisparity,
+    _split_geometry,
     activation_function,
     binarize,
     dice_per_channel,
@@ -499,9 +500,8 @@ def _sweep_sizes(
 
 def _splits_with_valid_overlap(w: int, h: int, a: int) -> bool:
     """Whether :func:`~nahtlos.metrics.tile_mismatch` can split a window of length ``w``."""
-    v = max(a, w // 4)  # its default overlap
-    length = _round_up((w + v + 1) // 2 + h, a)
-    return w % a == 0 and length < w and length - h > w - length + h
+    length, valid_lo, valid_hi = _split_geometry(w, h, a)
+    return w % a == 0 and length < w and valid_hi > valid_lo
 
 
 def _mismatch_window(

@@ -241,6 +241,20 @@ def _window_origins(
     return [tuple(int(g.flat[i]) for g in grids) for i in range(grids[0].size)]
 
 
+def _default_overlap(w: int, a: int) -> int:
+    return max(a, w // 4)
+
+
+def _split_geometry(w: int, h: int, a: int, overlap: int | None = None) -> tuple[int, int, int]:
+    """How :func:`tile_mismatch` splits a window of length ``w`` (halo ``h``, alignment
+    ``a``) into two overlapping sub-tiles: their length, and the start and stop, in the
+    window, of the overlap where both sub-tiles' predictions are valid (empty when
+    ``stop <= start``)."""
+    v = overlap if overlap is not None else _default_overlap(w, a)
+    length = _round_up((w + v + 1) // 2 + h, a)
+    return length, w - length + h, length - h
+
+
 def tile_mismatch(
     model: torch.nn.Module,
     image: ArrayLike,
@@ -309,13 +323,12 @@ def tile_mismatch(
                 f"along axis {name} ({w} > {n}); use a smaller window"
             )
     w_ax, h_ax, a_ax = win[axis], halo_t[axis], align[axis]
-    v = overlap if overlap is not None else max(a_ax, w_ax // 4)
-    length = _round_up((w_ax + v + 1) // 2 + h_ax, a_ax)
+    v = overlap if overlap is not None else _default_overlap(w_ax, a_ax)
+    length, valid_lo, valid_hi = _split_geometry(w_ax, h_ax, a_ax, v)
     if w_ax % a_ax:
         raise BlockShapeError(
             f"tile-mismatch window {w_ax} along axis {names[axis]} is not a multiple of the alignment {a_ax}"
         )
-    valid_lo, valid_hi = w_ax - length + h_ax, length - h_ax
     others_ok = all(
         w > 2 * h for i, (w, h) in enumerate(zip(win, halo_t, strict=True)) if i != axis
     )
