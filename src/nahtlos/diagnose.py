@@ -20,9 +20,9 @@ step counters), every module's train/eval flag and its device.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -55,7 +55,7 @@ from .metrics import (
     train_eval_disparity,
 )
 from .predict import ArrayLike, predict_blockwise, predict_whole, resolve_device, split_channels
-from .receptive_field import ReceptiveField, plot_receptive_field
+from .receptive_field import ReceptiveField, receptive_field_figure
 from .receptive_field import receptive_field as measure_receptive_field
 from .report import (
     DisparityView,
@@ -1652,7 +1652,6 @@ def _figures(
 
 def _rf_figure(rf: ReceptiveField, mass: float) -> bytes:
     """The receptive-field picture of :mod:`nahtlos.receptive_field`, as PNG bytes."""
-    with tempfile.TemporaryDirectory(prefix="nahtlos-rf-") as tmp:
-        path = Path(tmp) / "receptive_field.png"
-        plot_receptive_field(rf, path, mass=mass)
-        return path.read_bytes()
+    buf = io.BytesIO()
+    receptive_field_figure(rf, mass=mass).savefig(buf, format="png", dpi=120)
+    return buf.getvalue()

@@ -82,6 +82,7 @@ __all__ = [
     "ReceptiveFieldError",
     "plot_receptive_field",
     "receptive_field",
+    "receptive_field_figure",
     "recommend_halo",
 ]
 
@@ -1605,6 +1606,21 @@ def plot_receptive_field(
     mass: float = 0.99,
     title: str | None = None,
 ) -> Path:
+    """Save :func:`receptive_field_figure` to ``path``.
+
+    Returns
+    -------
+    Path
+        The written image (any format matplotlib knows from the suffix).
+    """
+    path = Path(path)
+    receptive_field_figure(rf, mass=mass, title=title).savefig(path, dpi=120)
+    return path
+
+
+def receptive_field_figure(
+    rf: ReceptiveField, *, mass: float = 0.99, title: str | None = None
+) -> Any:
     """Draw the ERF gradient map (log scale) with the TRF box and ERF contours.
 
     Like the paper's Fig. 4: the mean absolute gradient of the centre output voxel
@@ -1617,8 +1633,8 @@ def plot_receptive_field(
 
     Returns
     -------
-    Path
-        The written image (any format matplotlib knows from the suffix).
+    matplotlib.figure.Figure
+        The figure (not attached to pyplot, so nothing to close).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
@@ -1629,7 +1645,6 @@ def plot_receptive_field(
 
     if rf.ndim not in (2, 3):
         raise ValueError(f"plotting supports 2D and 3D receptive fields, not {rf.ndim}D")
-    path = Path(path)
     erf = rf.erf.astype(np.float64)
     halo_erf = (rf.erf_local if rf.erf_local is not None else rf.erf).astype(np.float64)
     smooth = gaussian_filter(halo_erf, 1.0)
@@ -1737,5 +1752,4 @@ def plot_receptive_field(
             state = "tile-independent"
         title = f"Receptive field: {state}, alignment {csv(rf.alignment)}"
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=120)
-    return path
+    return fig
