@@ -661,11 +661,8 @@ def _mismatch(
     from .metrics import tile_mismatch
 
     window, overlap = geo.mismatch_window()
-    indicator = 0.0
-    windows: list[list[float]] = []
-    tolerance = 1e-5
-    for vol in vols:
-        tm = tile_mismatch(
+    tms = [
+        tile_mismatch(
             model,
             vol.image,
             window=window,
@@ -677,17 +674,24 @@ def _mismatch(
             activation=activation,
             input_transform=vol.normalization,
         )
-        indicator = max(indicator, tm.indicator)
-        windows.extend(w["one_minus_dice"] for w in tm.windows)
-        tolerance = tm.tolerance
+        for vol in vols
+    ]
+    return {**_pooled_mismatch(tms, names), "window": list(window)}
+
+
+def _pooled_mismatch(tms: Sequence[Any], names: Sequence[str]) -> dict[str, Any]:
+    """Tile mismatch of several images as one: the largest indicator, and the mean
+    ``1 - Dice`` per class over the windows of all images."""
+    indicator = max((float(tm.indicator) for tm in tms), default=0.0)
+    tolerance = float(tms[-1].tolerance) if tms else 1e-5
+    windows = [w["one_minus_dice"] for tm in tms for w in tm.windows]
     per_channel = np.mean(np.array(windows, dtype=np.float64), axis=0) if windows else []
     return {
-        "indicator": float(indicator),
+        "indicator": indicator,
         "seamless": bool(indicator <= tolerance),
         "tolerance": tolerance,
         "per_class": {n: float(v) for n, v in zip(names, per_channel, strict=True)},
         "windows": len(windows),
-        "window": list(window),
     }
 
 
@@ -792,6 +796,7 @@ def _global_stats(
     geo: _Geometry,
     preset: Preset,
     activation: Any,
+    activation_name: str,
     tilewise: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Issue 9: predict with the norms frozen to exact whole-image statistics.
@@ -813,8 +818,7 @@ def _global_stats(
     frozen_geo = _Geometry(halo, geo.alignment, geo.window)
     names = _class_names(dataset)
     per_image: list[list[float | None]] = []
-    indicator = 0.0
-    windows: list[list[float]] = []
+    tms = []
     mwin, overlap = geo.mismatch_window()
     for vol, gt in zip(vols, targets, strict=True):
         stats = compute_global_stats(
@@ -842,20 +846,20 @@ def _global_stats(
             )
         )
         per_image.append(_dice_scores(pred, gt))
-        tm = tile_mismatch(
-            frozen,
-            vol.image,
-            window=mwin,
-            halo=halo,
-            alignment=geo.alignment,
-            stride=preset.mismatch_stride,
-            overlap=overlap,
-            ndim=vol.ndim,
-            input_transform=vol.normalization,
+        tms.append(
+            tile_mismatch(
+                frozen,
+                vol.image,
+                window=mwin,
+                halo=halo,
+                alignment=geo.alignment,
+                stride=preset.mismatch_stride,
+                overlap=overlap,
+                ndim=vol.ndim,
+                activation=activation_name,
+                input_transform=vol.normalization,
+            )
         )
-        indicator = max(indicator, tm.indicator)
-        windows.extend(w["one_minus_dice"] for w in tm.windows)
-    per_channel = np.mean(np.array(windows, dtype=np.float64), axis=0)
     return {
         "halo": list(halo),
         "dice_tilewise": dict(tilewise["dice_eval"]),
@@ -863,13 +867,7 @@ def _global_stats(
         "dice_global": {
             n: _median(s[i] for s in per_image if s[i] is not None) for i, n in enumerate(names)
         },
-        "mismatch_global": {
-            "indicator": float(indicator),
-            "seamless": bool(indicator <= 1e-5),
-            "tolerance": 1e-5,
-            "per_class": {n: float(v) for n, v in zip(names, per_channel, strict=True)},
-            "windows": len(windows),
-        },
+        "mismatch_global": _pooled_mismatch(tms, names),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -988,7 +986,15 @@ def run_cell(out: str, preset_dict: dict[str, Any], cell_dict: dict[str, str]) -
         result["sweep"] = _sweep(model, own, targets, cell.dataset, geo, preset.sweep_windows, act)
         if cell.norm == "instance" and cell.input_norm == "global":
             result["global_stats"] = _global_stats(
-                model, own, targets, cell.dataset, geo, preset, act, evaluations[cell.dataset]
+                model,
+                own,
+                targets,
+                cell.dataset,
+                geo,
+                preset,
+                act,
+                meta["activation"],
+                evaluations[cell.dataset],
             )
         arrays = _stitched(model, own[0], geo, act)
         np.savez_compressed(folder / "stitched.npz", **arrays)  # type: ignore[arg-type]
