@@ -50,8 +50,8 @@ def timed(cmd: list[str]) -> float:
 
 
 def main() -> None:
-    from nahtlos._demo import synthetic_volume
-    from nahtlos.checkpoint import save_torchscript
+    from nahtlos.nets.checkpoint import save_torchscript
+    from nahtlos.paper.demo import synthetic_volume
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="128,256,256")
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     nahtlos = str(Path(sys.executable).with_name("nahtlos"))
-    has_rf = importlib.util.find_spec("nahtlos.receptive_field") is not None
+    has_rf = importlib.util.find_spec("nahtlos.nets.receptive_field") is not None
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -75,7 +75,7 @@ def main() -> None:
         cmd = [nahtlos, "diagnose", str(model), str(work / "image.npy"), "--out", str(out)]
         cmd += ["--labels", str(work / "labels.npy"), "--tile", args.tile, "--no-progress"]
         cmd += ["--overwrite", "--device", "cpu"]
-        if not has_rf:  # without nahtlos.receptive_field the halo must be given
+        if not has_rf:  # without nahtlos.nets.receptive_field the halo must be given
             cmd += ["--halo", str(args.halo), "--alignment", "8"]
         diag_s = timed(cmd)
         report = json.loads((out / "report.json").read_text())

@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from nahtlos.global_stats import compute_global_stats, freeze_norms
-from nahtlos.predict import predict_blockwise, predict_whole
+from nahtlos.engine.global_stats import compute_global_stats, freeze_norms
+from nahtlos.engine.predict import predict_blockwise, predict_whole
 
 
 def build(seed: int = 0) -> torch.nn.Module:

@@ -80,7 +80,7 @@ def make_model(path: Path) -> None:
     import torch
     from monai.networks.nets import UNet
 
-    from nahtlos.checkpoint import save_torchscript
+    from nahtlos.nets.checkpoint import save_torchscript
 
     torch.manual_seed(0)
     net = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0).eval()
@@ -135,8 +135,8 @@ def child(mode: str, model: str, volume: str, out: str, workers: int) -> dict[st
     import torch
 
     from nahtlos import open_image, predict_blockwise, predict_file
-    from nahtlos.checkpoint import load_model
-    from nahtlos.intensity import InputNormalization
+    from nahtlos.io.intensity import InputNormalization
+    from nahtlos.nets.checkpoint import load_model
 
     def cpu_seconds() -> float:
         # this process and its finished children (the Dask workers, once closed)

@@ -50,7 +50,8 @@ def make_volume(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def run_one(method: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
-    from nahtlos import PredictionStats, predict_blockwise, predict_whole
+    from nahtlos import predict_blockwise, predict_whole
+    from nahtlos.engine.predict import PredictionStats
 
     torch.set_num_threads(args.threads)
     image = np.load(workdir / "image.npy", mmap_mode="r")

@@ -1,4 +1,4 @@
-"""Time `nahtlos.receptive_field` on 3D MONAI U-Nets (3 levels) against the classic probe.
+"""Time `nahtlos.nets.receptive_field` on 3D MONAI U-Nets (3 levels) against the classic probe.
 
 The peer is what the receptive field is usually measured with (Luo et al. 2016, the
 paper's Fig. 4): one forward and one backward pass of the real model for the centre
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monai.networks.nets import UNet
 
-from nahtlos import receptive_field
+from nahtlos.nets import receptive_field
 
 
 def make(channels: tuple[int, ...], num_res_units: int, norm: str) -> torch.nn.Module:

@@ -28,11 +28,11 @@ if kind == "blobs":
     out = out[tuple(slice(0, s) for s in shape)]
     elapsed = (time.perf_counter() - t) * np.prod(shape) / length ** len(shape)
 elif kind == "memory":
-    from nahtlos.synth import synthesize
+    from nahtlos.paper.synth import synthesize
     synthesize(name, shape, seed=0)
     elapsed = time.perf_counter() - t
 else:
-    from nahtlos.synth import write_synthetic
+    from nahtlos.paper.synth import write_synthetic
     with tempfile.TemporaryDirectory() as d:
         write_synthetic(name, os.path.join(d, "x.zarr"), shape, seed=0, progress=False)
         elapsed = time.perf_counter() - t

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nahtlos import norms
-from nahtlos.config import load_config
-from nahtlos.train import train
+from nahtlos.nets import norms
+from nahtlos.training.config import load_config
+from nahtlos.training.train import train
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nahtlos.synth import SYNTHETIC_DATASETS, save_preview, synthesize
+from nahtlos.paper.synth import SYNTHETIC_DATASETS, save_preview, synthesize
 
 OUT = Path(__file__).parent / "img"
 

@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from nahtlos import instances_to_semantic, load_model, open_image, predict_blockwise
+from nahtlos import load_model, open_image, predict_blockwise
+from nahtlos.io.labels import instances_to_semantic
 
 
 def main(run: Path, image_path: str, labels_path: str, out: Path) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .geometry import BlockGrid, axis_names
-from .predict import ArrayLike, predict_blockwise, predict_whole
+from .axes import axis_names
+from .engine.geometry import BlockGrid
+from .engine.predict import ArrayLike, predict_blockwise, predict_whole
 
 __all__ = ["assert_blockwise_equal", "largest_difference"]
 
@@ -54,14 +55,14 @@ def assert_blockwise_equal(
 ) -> float:
     """Assert block-wise prediction equals the whole-image reference for every block shape.
 
-    The reference is :func:`~nahtlos.predict.predict_whole` (the model applied once
+    The reference is :func:`~nahtlos.engine.predict.predict_whole` (the model applied once
     to the image zero-padded by the halo, then cropped). Every output voxel is
     compared, borders included.
 
     Parameters
     ----------
     model, image, halo, alignment, ndim, batch_size, device
-        As for :func:`~nahtlos.predict.predict_blockwise`.
+        As for :func:`~nahtlos.engine.predict.predict_blockwise`.
     blocks
         Block shapes to try; include some that do not divide the image.
     atol

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ..norms import NORM_NAMES, convert_model_file
+from ..nets.checkpoint import convert_model_file
+from ..nets.norms import NORM_NAMES
 from ._common import cli_errors, fail
 
 

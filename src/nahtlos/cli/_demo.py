@@ -44,7 +44,7 @@ def demo(
     InstanceNorm network's seams and their absence for BatchRenorm. The end of the output
     says where to look.
     """
-    from .._demo import run_demo
+    from ..paper.demo import run_demo
 
     sizes = {}
     for name, text in (("shape", shape), ("block", block), ("region", region)):

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ..checkpoint import load_model
-from ..diagnose import diagnose
-from ..io import open_image
-from ..predict import resolve_device
+from ..analysis.diagnose import diagnose
+from ..engine.predict import resolve_device
+from ..io.files import open_image
+from ..nets.checkpoint import load_model
 from ._common import cli_errors, fail, parse_ints
 
 

@@ -25,7 +25,7 @@ def export(
     The copy predicts, diagnoses and converts like the original, and fine-tunes with
     `nahtlos train --resume OUT` (with a fresh optimizer).
     """
-    from ..checkpoint import export_checkpoint
+    from ..nets.checkpoint import export_checkpoint
 
     written = export_checkpoint(checkpoint, out, overwrite=overwrite)
     size = written.stat().st_size

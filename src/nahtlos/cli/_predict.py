@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ..autoblock import auto_geometry, parse_memory
-from ..checkpoint import load_model
-from ..distributed import ACTIVATIONS, predict_file
-from ..global_stats import (
+from ..engine.autoblock import auto_geometry, parse_memory
+from ..engine.distributed import ACTIVATIONS, predict_file
+from ..engine.global_stats import (
     GlobalStatsError,
     freeze_norms,
     global_stats_model,
@@ -18,9 +17,10 @@ from ..global_stats import (
     placeholder_stats,
     tile_norm_layers,
 )
-from ..intensity import InputNormalization
-from ..io import OUTPUT_DTYPES, check_output_path, open_source
-from ..predict import resolve_device
+from ..engine.predict import resolve_device
+from ..io.files import OUTPUT_DTYPES, check_output_path, open_source
+from ..io.intensity import InputNormalization
+from ..nets.checkpoint import load_model
 from ._common import cli_errors, fail, parse_ints
 
 
@@ -157,7 +157,7 @@ def predict(
         raise GlobalStatsError(
             f"--norm-stats {norm_stats} needs a model whose layers can be measured one by one: "
             f"{str(model)!r} is TorchScript; use a nahtlos checkpoint, or the Python model with "
-            "nahtlos.global_stats.compute_global_stats"
+            "nahtlos.engine.global_stats.compute_global_stats"
         )
     frozen_norms = stats_mode != "tile" and bool(tile_norm_layers(loaded.module))
     if stats_mode != "tile" and not frozen_norms:

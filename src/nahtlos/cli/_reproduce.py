@@ -60,9 +60,9 @@ def reproduce(
     skips finished cells and resumes an interrupted training from its checkpoint. The
     tables (tables.md, results.csv) and figures are rebuilt from all finished cells.
     """
-    from ..experiments import PRESETS
-    from ..experiments import reproduce as run
-    from ..synth import SYNTHETIC_DATASETS
+    from ..paper.experiments import PRESETS
+    from ..paper.experiments import reproduce as run
+    from ..paper.synth import SYNTHETIC_DATASETS
 
     if preset not in PRESETS:
         raise fail(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..checkpoint import load_model
+from ..nets.checkpoint import load_model
 from ._common import cli_errors, fail, parse_ints
 
 
@@ -46,7 +46,7 @@ def rf(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Print the receptive field (TRF, ERF), alignment, tile dependence and halo of MODEL."""
-    from ..receptive_field import plot_receptive_field, receptive_field
+    from ..nets.receptive_field import plot_receptive_field, receptive_field
 
     loaded = load_model(model, map_location=device)
     ndim = dims if dims is not None else loaded.metadata.get("ndim")

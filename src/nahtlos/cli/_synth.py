@@ -49,7 +49,7 @@ def synth(
     with strongly varying brightness. The same NAME, shape, seed and anisotropy always
     give the same arrays.
     """
-    from ..synth import open_synthetic, save_preview, write_synthetic
+    from ..paper.synth import open_synthetic, save_preview, write_synthetic
 
     shape_v = parse_ints(shape, "shape")
     if not isinstance(shape_v, tuple):

@@ -59,9 +59,9 @@ def train(
     --image and --labels describe a single annotated image whose last 30% (along the
     first spatial axis) validates.
     """
-    from ..checkpoint import read_checkpoint
-    from ..config import load_config, validate_config
-    from ..train import train as run_training
+    from ..nets.checkpoint import read_checkpoint
+    from ..training.config import load_config, validate_config
+    from ..training.train import train as run_training
 
     overrides = list(set_ or [])
     short: dict[str, Any] = {}
@@ -90,7 +90,7 @@ def train(
         cfg = load_config(None, overrides, base=_short_form_base(image, labels, dims))
     elif resume is not None:
         state = read_checkpoint(resume)
-        from ..config import apply_overrides
+        from ..training.config import apply_overrides
 
         cfg = validate_config(
             apply_overrides(dict(state["config"]), overrides), f"of checkpoint {str(resume)!r}"
@@ -125,7 +125,7 @@ def _yaml(value: Any) -> str:
 
 
 def _short_form_base(image: str, labels: str, dims: int | None) -> dict[str, Any]:
-    from ..io import open_image
+    from ..io.files import open_image
 
     shape = tuple(open_image(image).shape)
     nd = dims if dims is not None else (len(shape) if len(shape) in (2, 3) else 3)
