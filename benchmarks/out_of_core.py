@@ -135,7 +135,7 @@ def child(mode: str, model: str, volume: str, out: str, workers: int) -> dict[st
     import torch
 
     from nahtlos import open_image, predict_blockwise, predict_file
-    from nahtlos.io.intensity import InputNormalization
+    from nahtlos.io import InputNormalization
     from nahtlos.nets.checkpoint import load_model
 
     def cpu_seconds() -> float:

@@ -440,7 +440,7 @@ def test_cli_applies_the_models_metadata(tmp_path):
 
 
 def test_instance_labels_are_converted_like_in_training(image):
-    from nahtlos.io.labels import instances_to_semantic
+    from nahtlos.io import instances_to_semantic
 
     net = make_unet(2, 2, norm="batch", out_channels=3)
     instances = np.zeros((64, 64), np.int32)

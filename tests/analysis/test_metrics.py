@@ -10,7 +10,7 @@ from hypothesis.extra import numpy as hnp
 from conftest import make_unet
 from nahtlos.analysis.metrics import dice, dice_per_channel, tile_mismatch, train_eval_disparity
 from nahtlos.errors import BlockShapeError
-from nahtlos.io.intensity import InputNormalization
+from nahtlos.io import InputNormalization
 from nahtlos.nets.state import measuring_mode
 
 masks = hnp.arrays(bool, st.tuples(st.integers(1, 6), st.integers(1, 6)))

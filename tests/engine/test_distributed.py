@@ -19,8 +19,7 @@ from conftest import make_unet
 from nahtlos import open_image, predict_blockwise, predict_file, predict_whole, save_image
 from nahtlos.cli import app
 from nahtlos.errors import BlockFailedError, IncompleteOutputError, SettingsError
-from nahtlos.io.files import PredictionStore, open_source
-from nahtlos.io.intensity import InputNormalization, streaming_percentiles
+from nahtlos.io import InputNormalization, PredictionStore, open_source, streaming_percentiles
 from nahtlos.nets.checkpoint import LoadedModel, load_model, save_torchscript
 
 # Test-local modules travel to the Dask workers by value (the workers cannot import tests/).
@@ -158,7 +157,11 @@ def test_dask_local_cluster_equals_in_process(client, model_file, volume, tmp_pa
     _assert_identical(tmp_path / "local.ome.zarr", tmp_path / "dask.ome.zarr")
     # each worker process loaded the TorchScript file at most once, for all its tasks
     loads = client.run(
-        lambda: __import__("nahtlos.engine.distributed").engine.distributed._model_from_file.cache_info().misses
+        lambda: (
+            __import__("nahtlos.engine.distributed")
+            .engine.distributed._model_from_file.cache_info()
+            .misses
+        )
     )
     assert len(loads) == 2 and all(n <= 1 for n in loads.values()) and sum(loads.values()) >= 1
 

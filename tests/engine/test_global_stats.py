@@ -179,8 +179,7 @@ def _predict_cli(*args):
 def test_cli_norm_stats_global_equals_whole_image_and_reuses_statistics(
     instance_checkpoint, tmp_path
 ):
-    from nahtlos.io.files import open_image
-    from nahtlos.io.intensity import InputNormalization
+    from nahtlos.io import InputNormalization, open_image
     from nahtlos.nets.checkpoint import load_model
 
     ckpt, source, image = instance_checkpoint

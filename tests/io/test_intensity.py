@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from nahtlos.io.intensity import InputNormalization, StreamingHistogram, streaming_percentiles
+from nahtlos.io import InputNormalization, StreamingHistogram, streaming_percentiles
 
 Q = (0.0, 1.0, 37.5, 50.0, 99.8, 100.0)
 

@@ -12,7 +12,7 @@ from skimage.transform import downscale_local_mean
 from nahtlos import open_image, save_image
 from nahtlos.engine.geometry import BlockGrid
 from nahtlos.errors import BlockShapeError, FormatError, IncompleteOutputError
-from nahtlos.io.files import ChunkCache, PredictionStore, check_output_path, open_source
+from nahtlos.io import ChunkCache, PredictionStore, check_output_path, open_source
 
 UM = "micrometer"
 

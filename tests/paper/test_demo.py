@@ -12,8 +12,7 @@ import zarr
 from nahtlos import predict_blockwise, predict_whole
 from nahtlos.analysis.metrics import dice
 from nahtlos.errors import InputNotFoundError
-from nahtlos.io.files import PredictionStore, open_source
-from nahtlos.io.intensity import InputNormalization
+from nahtlos.io import InputNormalization, PredictionStore, open_source
 from nahtlos.nets.checkpoint import read_checkpoint
 from nahtlos.paper.pretrained import PRETRAINED_MODELS, load_pretrained, pretrained_path
 from nahtlos.paper.synth import BOUNDARIES, FOREGROUND, semantic_classes, synthesize

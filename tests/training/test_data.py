@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nahtlos.errors import ShapeMismatchError
-from nahtlos.io.intensity import InputNormalization
-from nahtlos.io.labels import SEMANTIC_CLASSES, instances_to_semantic
+from nahtlos.io import SEMANTIC_CLASSES, InputNormalization, instances_to_semantic
 from nahtlos.training.data import (
     PatchSampler,
     RegionView,

@@ -13,9 +13,7 @@ from nahtlos.analysis.metrics import binarize, dice_per_channel
 from nahtlos.cli import app
 from nahtlos.engine.predict import predict_blockwise, predict_whole
 from nahtlos.errors import FormatError, ShapeMismatchError
-from nahtlos.io.files import open_image
-from nahtlos.io.intensity import InputNormalization
-from nahtlos.io.labels import instances_to_semantic
+from nahtlos.io import InputNormalization, instances_to_semantic, open_image
 from nahtlos.nets.checkpoint import is_checkpoint, load_model, read_checkpoint
 from nahtlos.nets.norms import BatchRenorm2d
 from nahtlos.training.config import ConfigError, load_config, validate_config

@@ -46,8 +46,7 @@ from ..engine.predict import (
     split_channels,
 )
 from ..errors import BlockShapeError, NahtlosError, NahtlosWarning, ShapeMismatchError
-from ..io.files import open_image
-from ..io.intensity import InputNormalization
+from ..io import InputNormalization, open_image
 from ..nets.checkpoint import LoadedModel, load_model
 from ..nets.receptive_field import ReceptiveField, receptive_field_figure
 from ..nets.receptive_field import receptive_field as measure_receptive_field
@@ -784,7 +783,7 @@ def diagnose(
                 lab = np.asarray(lab_in[lab_key])
                 if kind_of_labels == "instances":
                     # what the model was trained on: boundaries / foreground / background
-                    from ..io.labels import instances_to_semantic
+                    from ..io import instances_to_semantic
 
                     mode = meta.get("boundary_mode", "thick")
                     lab = instances_to_semantic(lab.astype(np.int64), mode)

@@ -9,7 +9,7 @@ import typer
 
 from ..analysis.diagnose import diagnose
 from ..engine.predict import resolve_device
-from ..io.files import open_image
+from ..io import open_image
 from ..nets.checkpoint import load_model
 from ._common import cli_errors, fail, parse_ints
 

@@ -18,8 +18,7 @@ from ..engine.global_stats import (
     tile_norm_layers,
 )
 from ..engine.predict import resolve_device
-from ..io.files import OUTPUT_DTYPES, check_output_path, open_source
-from ..io.intensity import InputNormalization
+from ..io import OUTPUT_DTYPES, InputNormalization, check_output_path, open_source
 from ..nets.checkpoint import load_model
 from ._common import cli_errors, fail, parse_ints
 

@@ -125,7 +125,7 @@ def _yaml(value: Any) -> str:
 
 
 def _short_form_base(image: str, labels: str, dims: int | None) -> dict[str, Any]:
-    from ..io.files import open_image
+    from ..io import open_image
 
     shape = tuple(open_image(image).shape)
     nd = dims if dims is not None else (len(shape) if len(shape) in (2, 3) else 3)

@@ -39,9 +39,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import BlockFailedError, FormatError, NahtlosWarning, SettingsError
-from ..io.files import (
+from ..io import (
     ChunkCache,
     ImageSource,
+    InputNormalization,
     OutputDtype,
     PendingOutput,
     PredictionStore,
@@ -50,7 +51,6 @@ from ..io.files import (
     open_source,
     split_key,
 )
-from ..io.intensity import InputNormalization
 from ..nets.checkpoint import LoadedModel, load_model
 from ..nets.state import activation_function
 from .geometry import Block, BlockGrid

@@ -101,7 +101,7 @@ class LoadedModel:
         spec = self.metadata.get("input_normalization")
         if not spec:
             return None
-        from ..io.intensity import InputNormalization
+        from ..io import InputNormalization
 
         norm = InputNormalization.from_dict({**spec, "values": None})
         if norm.mode == "global":

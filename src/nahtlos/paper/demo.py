@@ -29,7 +29,7 @@ import torch
 
 from ..axes import as_per_axis
 from ..errors import NahtlosError
-from ..io.intensity import InputNormalization
+from ..io import InputNormalization
 from ..nets.checkpoint import LoadedModel
 
 __all__ = ["DEMO_SHAPE", "DemoModel", "DemoResult", "run_demo"]
@@ -312,7 +312,7 @@ def run_demo(
     -------
     DemoResult
     """
-    from ..io.files import open_image, open_source, remove_output
+    from ..io import open_image, open_source, remove_output
     from .pretrained import load_pretrained
     from .synth import write_synthetic
 

@@ -401,7 +401,7 @@ class _Image:
 
 def _class_names(dataset: str) -> tuple[str, ...]:
     """Channel names of the network output for ``dataset``."""
-    from ..io.labels import SEMANTIC_CLASSES
+    from ..io import SEMANTIC_CLASSES
     from .synth import class_names
 
     # organoids: semantic ground truth 0 matrix, 1 foreground, 2 boundaries (one-hot in
@@ -620,7 +620,7 @@ def _train_cell(
 
 
 def _volumes(images: Sequence[_Image], ndim: int, input_norm: str) -> list[Any]:
-    from ..io.intensity import InputNormalization
+    from ..io import InputNormalization
     from ..training.data import open_volume
 
     return [

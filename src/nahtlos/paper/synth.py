@@ -1449,7 +1449,7 @@ def open_synthetic(path: str | os.PathLike[str]) -> SynthSample:
     ``path`` is the ``.zarr`` folder or the image ``.tif``. The arrays of the returned
     sample are zarr arrays or memory maps: slicing reads only what is sliced.
     """
-    from ..io.files import open_image
+    from ..io import open_image
 
     p = Path(path)
     if not p.exists():

@@ -28,7 +28,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import NahtlosError
-from ..io.intensity import InputNormalization
+from ..io import InputNormalization
 from ..nets.models import ConfigSection, ModelConfig
 from ..nets.norms import NORM_NAMES
 

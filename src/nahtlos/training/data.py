@@ -25,9 +25,7 @@ import torch
 
 from ..axes import axis_names
 from ..errors import ShapeMismatchError
-from ..io.files import open_image
-from ..io.intensity import InputNormalization
-from ..io.labels import BoundaryMode, instances_to_semantic
+from ..io import BoundaryMode, InputNormalization, instances_to_semantic, open_image
 
 __all__ = [
     "PatchSampler",

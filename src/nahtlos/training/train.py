@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..engine.predict import predict_blockwise, resolve_device
 from ..errors import ShapeMismatchError
-from ..io.labels import SEMANTIC_CLASSES
+from ..io import SEMANTIC_CLASSES
 from ..nets.checkpoint import measured_geometry, read_checkpoint, restore_rng_state, save_checkpoint
 from ..nets.models import model_alignment, model_from_config, unetr_halo
 from ..nets.state import activation_function, measuring_mode, preserved_state
