@@ -24,7 +24,7 @@ import torch
 
 from nahtlos.nets import norms
 from nahtlos.training.config import load_config
-from nahtlos.training.train import train
+from nahtlos.training.loop import train
 
 
 def main() -> None:

@@ -141,7 +141,7 @@ def instance_checkpoint(tmp_path_factory):
     import tifffile
 
     from nahtlos.training.config import validate_config
-    from nahtlos.training.train import train
+    from nahtlos.training.loop import train
 
     tmp = tmp_path_factory.mktemp("ckpt")
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ from nahtlos.nets.norms import BatchRenorm2d
 from nahtlos.nets.receptive_field import receptive_field
 from nahtlos.testing import assert_blockwise_equal
 from nahtlos.training.config import validate_config
-from nahtlos.training.train import prediction_metadata
+from nahtlos.training.loop import prediction_metadata
 
 NORM_TYPES = {
     "batch": torch.nn.BatchNorm2d,

@@ -173,7 +173,7 @@ def test_batchnorm_with_batch_size_one_trains_the_instancenorm_network(tmp_path)
     """Why InstanceNorm cells reuse the BatchNorm cells' training (shared_training)."""
     from nahtlos.paper.synth import write_synthetic
     from nahtlos.training.config import validate_config
-    from nahtlos.training.train import train
+    from nahtlos.training.loop import train
 
     write_synthetic("embryo", tmp_path / "e.tif", (64, 64), seed=3, progress=False)
     weights = {}

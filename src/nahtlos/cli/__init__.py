@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import typer
 
-from . import _convert, _demo, _diagnose, _export, _predict, _reproduce, _rf, _synth, _train
+from . import (
+    _convert,
+    _demo,
+    _diagnose,
+    _export,
+    _predict,
+    _recalibrate,
+    _reproduce,
+    _rf,
+    _synth,
+    _train,
+)
 
 __all__ = ["app", "main"]
 
@@ -20,7 +31,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (_predict, _rf, _diagnose, _convert, _export, _synth, _demo, _train, _reproduce):
+for _module in (
+    _predict,
+    _rf,
+    _diagnose,
+    _convert,
+    _export,
+    _synth,
+    _demo,
+    _train,
+    _recalibrate,
+    _reproduce,
+):
     _module.register(app)
 
 

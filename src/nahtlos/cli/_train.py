@@ -51,6 +51,13 @@ def train(
             help="Continue from a checkpoint (its configuration, unless CONFIG is given)."
         ),
     ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this checkpoint's weights with a fresh optimizer and schedules "
+            "(e.g. an InstanceNorm model after `nahtlos convert --to batchrenorm`)."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a seamless segmentation network; write checkpoints, logs and curves to --out.
@@ -61,7 +68,7 @@ def train(
     """
     from ..nets.checkpoint import read_checkpoint
     from ..training.config import load_config, validate_config
-    from ..training.train import train as run_training
+    from ..training.loop import train as run_training
 
     overrides = list(set_ or [])
     short: dict[str, Any] = {}
@@ -77,6 +84,10 @@ def train(
         short["data.patch"] = list(_as_tuple(parse_ints(patch, "patch")))
     if out is not None:
         short["out"] = str(out)
+    if init is not None:
+        if resume is not None:
+            raise fail("give either --resume (continue a run) or --init (start from weights)")
+        short["train.init"] = str(init)
     if image is not None or labels is not None:
         if config is not None:
             raise fail("give either CONFIG or --image/--labels, not both")
@@ -90,11 +101,10 @@ def train(
         cfg = load_config(None, overrides, base=_short_form_base(image, labels, dims))
     elif resume is not None:
         state = read_checkpoint(resume)
-        from ..training.config import apply_overrides
+        from ..training.config import apply_overrides, upgrade_config
 
-        cfg = validate_config(
-            apply_overrides(dict(state["config"]), overrides), f"of checkpoint {str(resume)!r}"
-        )
+        raw = upgrade_config(state["config"])
+        cfg = validate_config(apply_overrides(raw, overrides), f"of checkpoint {str(resume)!r}")
     else:
         raise fail("give a CONFIG file, --image and --labels, or --resume CHECKPOINT")
     result = run_training(cfg, resume=resume, progress=progress)
@@ -109,6 +119,12 @@ def train(
             if k.startswith("dice_eval_")
         )
         typer.echo(f"validation Dice (eval mode, step {int(last['step'])}): {dice}")
+    after = (result.recalibration or {}).get("after")
+    if after is not None:
+        dice = ", ".join(
+            f"{n} {v:.3f}" for n, v in zip(result.class_names, after["dice_eval"], strict=True)
+        )
+        typer.echo(f"after recalibrating the norms' statistics: {dice}")
 
 
 def _as_tuple(value: int | tuple[int, ...] | None) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ A run writes into one folder::
 
     manifest.json              the preset, the grid geometry (halo, blocks) and nahtlos version
     data/<dataset>/            train-<i>.tif, val-<i>.tif and their label files
-    cells/<cell>/train/        the training run (nahtlos.training.train: checkpoints, logs, curves)
+    cells/<cell>/train/        the training run (nahtlos.training.loop: checkpoints, logs, curves)
     cells/<cell>/result.json   the cell's numbers; its presence means "cell done"
     cells/<cell>/stitched.npz  arrays of the stitched-prediction figure
     results.csv  sweep.csv  global_stats.csv      every number, one row per evaluation
@@ -34,7 +34,7 @@ A run writes into one folder::
 
 **Resume.** A cell is done when its ``result.json`` exists with the fingerprint of the
 preset; a re-run skips it. An interrupted training continues from its last checkpoint
-(bit-identical on CPU with the same thread count, see :mod:`nahtlos.training.train`), and the
+(bit-identical on CPU with the same thread count, see :mod:`nahtlos.training.loop`), and the
 tables are always rebuilt from the result files, so an interrupted and resumed run gives
 the same tables as one that was never interrupted.
 
@@ -581,7 +581,7 @@ def _train_cell(
     """
     from ..errors import FormatError
     from ..nets.checkpoint import convert_checkpoint, read_checkpoint
-    from ..training.train import train
+    from ..training.loop import train
 
     steps = preset.arch(cell.arch).steps
     run = root / "cells" / cell.key / "train"
@@ -704,7 +704,7 @@ def _evaluate_on(
     preset: Preset,
 ) -> dict[str, Any]:
     """Eval/train-mode Dice per class, disparity and tile mismatch on validation images."""
-    from ..training.train import validate
+    from ..training.validation import validate
 
     organoids = dataset == "organoids"
     names = _class_names(dataset)

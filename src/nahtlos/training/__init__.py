@@ -2,6 +2,6 @@
 
 from .config import TrainingConfig, load_config
 from .data import PatchSampler
-from .train import TrainResult, train
+from .loop import TrainResult, train
 
 __all__ = ["PatchSampler", "TrainResult", "TrainingConfig", "load_config", "train"]

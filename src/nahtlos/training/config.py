@@ -31,11 +31,14 @@ from ..errors import NahtlosError
 from ..io import InputNormalization
 from ..nets.models import ConfigSection, ModelConfig
 from ..nets.norms import NORM_NAMES
+from .losses import LOSS_ACTIVATION, LOSSES, default_loss
+from .schedules import DEFAULT_LR_SCHEDULE, LR_SCHEDULES
 
 __all__ = [
     "ConfigError",
     "DataConfig",
     "InputNormConfig",
+    "LossWeights",
     "RenormConfig",
     "SplitConfig",
     "TrainConfig",
@@ -44,10 +47,14 @@ __all__ = [
     "apply_overrides",
     "dump_config",
     "load_config",
+    "upgrade_config",
     "validate_config",
 ]
 
 NORMS = NORM_NAMES
+# Training patches whose statistics replace the norms' running averages after training
+# (training.recalibrate); docs/training.md has the measurements that chose it.
+DEFAULT_RECALIBRATE_PATCHES = 32
 AXIS_NAMES = {2: "yx", 3: "zyx"}
 
 
@@ -140,20 +147,60 @@ class RenormConfig(ConfigSection):
     d_max: float = Field(default=5.0, ge=0.0)
 
 
+class LossWeights(ConfigSection):
+    """Weights of the two terms of a compound loss (nnU-Net's: 1 and 1)."""
+
+    dice: float = Field(default=1.0, ge=0.0)
+    ce: float = Field(default=1.0, ge=0.0)
+
+
 class TrainConfig(ConfigSection):
-    """The optimization: Adam, batch size x gradient accumulation, intervals."""
+    """The optimization: Adam, batch size x gradient accumulation, loss, schedules."""
 
     steps: int = Field(default=25000, ge=1, description="optimizer steps")
     batch_size: int = Field(default=1, ge=1)
     accumulate: int = Field(default=8, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(default=1e-3, gt=0.0)
+    lr_schedule: str = Field(
+        default=DEFAULT_LR_SCHEDULE, description=f"one of {', '.join(LR_SCHEDULES)}"
+    )
+    lr_warmup: int = Field(default=0, ge=0, description="steps of linear learning-rate warm-up")
+    loss: str | None = Field(
+        default=None,
+        description=f"one of {', '.join(LOSSES)}; default: the compound loss of the activation",
+    )
+    loss_weights: LossWeights = Field(default_factory=lambda: LossWeights())
     seed: int = 0
     renorm: RenormConfig = Field(default_factory=lambda: RenormConfig())
+    recalibrate: int = Field(
+        default=DEFAULT_RECALIBRATE_PATCHES,
+        ge=0,
+        description="training patches for the norms' population statistics at the end; 0: off",
+    )
+    init: str | None = Field(
+        default=None, description="start from this checkpoint's weights (fresh optimizer)"
+    )
     val_every: int = Field(default=500, ge=1)
     val_block: list[int] | None = Field(default=None, description="inner block of validation")
     val_batch_size: int = Field(default=4, ge=1)
     checkpoint_every: int = Field(default=1000, ge=1)
     device: str = "auto"
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str | None) -> str | None:
+        if v is not None and v not in LOSSES:
+            raise ValueError(f"{v!r} is not a loss; choose one of {', '.join(LOSSES)}")
+        return v
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        if v not in LR_SCHEDULES:
+            raise ValueError(
+                f"{v!r} is not a learning-rate schedule; choose one of {', '.join(LR_SCHEDULES)}"
+            )
+        return v
 
     def warmup_and_ramp(self) -> tuple[int, int]:
         """The schedule lengths, with the defaults (20% of the steps each) filled in."""
@@ -192,6 +239,14 @@ class TrainingConfig(ConfigSection):
             raise ValueError(
                 f"data.patch {self.data.patch}: UNETR needs at least 48 per axis "
                 "(its window is fixed to the patch; a halo of at least 16 is cropped from each side)"
+            )
+        if self.train.loss is None:
+            self.train.loss = default_loss(self.model.activation)
+        needs = LOSS_ACTIVATION[self.train.loss]
+        if needs is not None and needs != self.model.activation:
+            raise ValueError(
+                f"train.loss {self.train.loss!r} needs model.activation {needs!r}, not "
+                f"{self.model.activation!r}; use train.loss={default_loss(self.model.activation)!r}"
             )
         vb = self.train.val_block
         if vb is not None and self.model.arch == "unetr":
@@ -307,6 +362,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                     for k in ("image", "labels"):
                         if isinstance(vol.get(k), str) and not os.path.isabs(vol[k]):
                             vol[k] = str(base / vol[k])
+    train = data.get("train")
+    init = train.get("init") if isinstance(train, dict) else None
+    if isinstance(train, dict) and isinstance(init, str) and not os.path.isabs(init):
+        train["init"] = str(base / init)
     if isinstance(data.get("out"), str) and not os.path.isabs(data["out"]):
         data["out"] = str(base / data["out"])
 
@@ -349,3 +408,20 @@ def load_config(
 def dump_config(config: TrainingConfig) -> str:
     """The configuration as YAML (what a run saves beside its checkpoints)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# What a configuration written before a field existed meant: resuming such a run must
+# continue with the recipe it started with, not with today's defaults.
+_BEFORE_FIELDS = {"loss": "dice", "lr_schedule": "constant", "recalibrate": 0}
+
+
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A raw configuration from an older checkpoint, with the fields it predates set to
+    the behaviour of the version that wrote it (the paper's Dice loss, a constant
+    learning rate, no recalibration)."""
+    data = dict(data)
+    train = dict(data.get("train") or {})
+    for key, value in _BEFORE_FIELDS.items():
+        train.setdefault(key, value)
+    data["train"] = train
+    return data

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 
 import numpy as np
 import pytest
@@ -18,8 +19,7 @@ from nahtlos.nets.checkpoint import is_checkpoint, load_model, read_checkpoint
 from nahtlos.nets.norms import BatchRenorm2d
 from nahtlos.training.config import ConfigError, load_config, validate_config
 from nahtlos.training.data import open_volume, split_volume
-from nahtlos.training.losses import dice_loss
-from nahtlos.training.train import train, validate
+from nahtlos.training.loop import train, validate
 
 runner = CliRunner()
 
@@ -46,7 +46,7 @@ def files(tmp_path):
     return str(tmp_path / "image.tif"), str(tmp_path / "labels.npy")
 
 
-def _config(files, tmp_path, **train):
+def _config(files, tmp_path, activation="sigmoid", **train):
     image, labels = files
     return validate_config(
         {
@@ -55,7 +55,12 @@ def _config(files, tmp_path, **train):
                 "split": {"fraction": 0.5, "axis": "x"},
                 "patch": [32, 32],
             },
-            "model": {"ndim": 2, "norm": "batch", "channels": [8, 16, 32]},
+            "model": {
+                "ndim": 2,
+                "norm": "batch",
+                "channels": [8, 16, 32],
+                "activation": activation,
+            },
             "train": {
                 "steps": 12,
                 "batch_size": 2,
@@ -68,48 +73,6 @@ def _config(files, tmp_path, **train):
             "out": str(tmp_path / "run"),
         }
     )
-
-
-# ------------------------------------------------------------------------------ loss
-
-
-def _reference_dice_loss(logits, target, eps=1e-5):
-    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
-    losses = []
-    for n in range(p.shape[0]):
-        for c in range(p.shape[1]):
-            g = target[n, c]
-            if g.sum() == 0:
-                continue  # the paper skips channels empty in the label patch
-            losses.append(1 - (2 * (p[n, c] * g).sum() + eps) / (p[n, c].sum() + g.sum() + eps))
-    return np.mean(losses)
-
-
-def test_dice_loss_skips_empty_channels(rng):
-    logits = rng.normal(0, 2, (2, 3, 8, 8)).astype(np.float32)
-    target = np.zeros((2, 3, 8, 8), np.float32)
-    target[0, 0, :4] = 1
-    target[0, 2, 4:] = 1
-    target[1, 1, 2:5, 2:5] = 1  # sample 1: only channel 1 present
-    got = dice_loss(torch.from_numpy(logits), torch.from_numpy(target))
-    assert got.item() == pytest.approx(_reference_dice_loss(logits, target), rel=1e-5)
-    # an empty channel changes nothing, whatever the prediction there
-    logits2 = logits.copy()
-    logits2[0, 1] = 30.0
-    again = dice_loss(torch.from_numpy(logits2), torch.from_numpy(target))
-    assert again.item() == pytest.approx(got.item(), rel=1e-6)
-
-
-def test_dice_loss_softmax_and_all_empty():
-    logits = torch.randn(1, 3, 6, 6, requires_grad=True)
-    target = torch.zeros(1, 3, 6, 6)
-    loss = dice_loss(logits, target)
-    loss.backward()
-    assert loss.item() == 0.0 and logits.grad is not None and not logits.grad.any()
-    target[0, 0] = 1
-    p = torch.softmax(logits.detach(), 1)[0, 0]
-    want = 1 - (2 * p.sum() + 1e-5) / (p.sum() + 36 + 1e-5)
-    assert dice_loss(logits, target, "softmax").item() == pytest.approx(want.item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------ training
@@ -153,6 +116,112 @@ def test_resume_continues_exactly(files, tmp_path):
     longer.train.steps = 14
     more = train(longer, resume=tmp_path / "run" / "model.pt", progress=False)
     assert more.start_step == 12 and len(more.losses) == 2
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss": "dice", "lr_schedule": "cosine", "lr_warmup": 3},
+        {"loss": "dice_bce", "lr_schedule": "poly", "recalibrate": 4},
+        {"loss": "dice_ce", "lr_schedule": "constant", "loss_weights": {"dice": 0.5, "ce": 2}},
+    ],
+)
+def test_resume_is_bit_identical_with_every_loss_and_schedule(files, tmp_path, options):
+    activation = "softmax" if options["loss"] == "dice_ce" else "sigmoid"
+    cfg = _config(files, tmp_path, activation, **options)
+    cfg.data.foreground_bias = 0.5
+    full = train(cfg, progress=False)
+    with (tmp_path / "run" / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    lrs = [float(r["lr"]) for r in rows]
+    from nahtlos.training.schedules import learning_rate
+
+    want = [
+        learning_rate(s, 12, 1e-3, cfg.train.lr_schedule, cfg.train.lr_warmup) for s in range(12)
+    ]
+    assert lrs == pytest.approx(want)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
+    assert saved["loss"] == options["loss"] and saved["lr_schedule"] == options["lr_schedule"]
+    assert (
+        read_checkpoint(tmp_path / "run" / "model.pt")["config"]["train"]["loss"] == options["loss"]
+    )
+    resumed = train(cfg, resume=tmp_path / "run" / "checkpoints" / "step-000006.pt", progress=False)
+    assert resumed.losses == full.losses[6:]  # bit-identical
+    if options.get("recalibrate"):
+        assert resumed.recalibration == full.recalibration
+
+
+def test_old_checkpoints_resume_with_the_recipe_they_started_with(files, tmp_path):
+    from nahtlos.training.config import upgrade_config
+
+    cfg = _config(files, tmp_path, steps=4, checkpoint_every=2, val_every=100)
+    train(cfg, progress=False)
+    raw = read_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002.pt")["config"]
+    for key in ("loss", "lr_schedule", "recalibrate"):
+        raw["train"].pop(key)  # as written before these fields existed
+    old = validate_config(upgrade_config(raw))
+    assert (old.train.loss, old.train.lr_schedule, old.train.recalibrate) == ("dice", "constant", 0)
+
+
+def test_init_starts_from_weights_with_a_fresh_optimizer(files, tmp_path):
+    cfg = _config(files, tmp_path, steps=3, val_every=100)
+    train(cfg, progress=False)
+    source = read_checkpoint(tmp_path / "run" / "model.pt")
+    tuned_cfg = _config(files, tmp_path, steps=2, val_every=100, recalibrate=0)
+    tuned_cfg.train.init = str(tmp_path / "run" / "model.pt")
+    tuned_cfg.out = str(tmp_path / "tuned")
+    started = {}
+
+    def capture(module, args):
+        if not started:
+            started.update({k: v.clone() for k, v in module.state_dict().items()})
+
+    train_module = importlib.import_module("nahtlos.training.loop")
+
+    original = train_module._Run.step
+
+    def first_step(self, step):
+        if not started:
+            capture(self.model, ())
+            started["adam"] = len(self.optimizer.state)
+        return original(self, step)
+
+    train_module._Run.step = first_step
+    try:
+        tuned = train(tuned_cfg, progress=False)
+    finally:
+        train_module._Run.step = original
+    assert tuned.start_step == 0 and len(tuned.losses) == 2
+    assert started.pop("adam") == 0  # a fresh optimizer: no moments yet
+    for key, value in source["model"].items():
+        assert torch.equal(started[key], value), key
+    final = read_checkpoint(tmp_path / "tuned" / "model.pt")
+    assert final["step"] == 2 and final["config"]["train"]["init"] == tuned_cfg.train.init
+    # weights that do not fit the configured network: one clear error
+    wrong = _config(files, tmp_path, steps=1)
+    wrong.model.channels = [4, 8, 16]
+    wrong.train.init = str(tmp_path / "run" / "model.pt")
+    with pytest.raises(ShapeMismatchError, match=r"train.init .* do not fit"):
+        train(wrong, progress=False)
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--image",
+            files[0],
+            "--labels",
+            files[1],
+            "--dims",
+            "2",
+            "--steps",
+            "1",
+            "--init",
+            str(tmp_path / "run" / "model.pt"),
+            "--resume",
+            str(tmp_path / "run" / "model.pt"),
+        ],
+    )
+    assert result.exit_code == 2 and "either --resume" in result.output
 
 
 def test_schedule_reaches_the_layers_per_optimizer_step(files, tmp_path, monkeypatch):
