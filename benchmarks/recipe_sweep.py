@@ -1,0 +1,356 @@
+"""Choose the training defaults by measurement: a screening sweep of the recipe in 2D.
+
+Trains small U-Nets on the three synthetic 2D datasets (organoids, plants, embryo) with
+BatchRenorm and with its peer InstanceNorm, on the same data, steps and seeds, and
+varies one part of the recipe per stage:
+
+* ``loss``: loss (dice, dice_bce) x learning-rate schedule (constant, poly, cosine);
+* ``sampling``: ``data.foreground_bias`` (0, 1/3, 2/3), with --loss/--schedule fixed;
+* ``renorm``: BatchRenorm's warm-up/ramp fractions and momentum (BatchRenorm only);
+* ``confirm``: the chosen defaults, BatchRenorm / InstanceNorm / BatchNorm.
+
+Every BatchNorm/BatchRenorm network is evaluated as trained (moving averages) and after
+each recalibration method (``nahtlos.training.recalibrate``: layerwise, pooled, precise on
+32 training patches, and pooled over tiles covering the training images = whole-image
+statistics). Dice per class is block-wise on two held-out images (eval mode, median over
+the images, as in training); train/eval disparity likewise. Rows go to ``sweep.csv``; a
+re-run skips the rows it has. ``--report`` prints the tables (seed means) and draws
+``sweep.png``.
+
+    python benchmarks/recipe_sweep.py --out build/sweep --stage loss
+    python benchmarks/recipe_sweep.py --out build/sweep --stage sampling --loss dice_bce --schedule poly
+    python benchmarks/recipe_sweep.py --out build/sweep --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import itertools
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DATASETS = ("organoids", "plants", "embryo")
+REPORTED = ("foreground", "boundaries")
+VARIANTS = ("ema", "layerwise", "pooled", "precise", "whole")
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def _runs(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The runs of a stage: dicts of the recipe fields that vary."""
+    seeds = [int(s) for s in args.seeds.split(",")]
+    datasets = args.datasets.split(",")
+    base = {"loss": args.loss, "schedule": args.schedule, "fg": args.fg, "warm": 0.2}
+    base |= {"ramp": 0.2, "momentum": 0.01}
+    if args.stage == "loss":
+        grid = [
+            {"norm": n, "loss": lo, "schedule": s}
+            for n in ("batchrenorm", "instance")
+            for lo in ("dice", "dice_bce")
+            for s in ("constant", "poly", "cosine")
+        ]
+    elif args.stage == "sampling":
+        grid = [{"norm": n, "fg": f} for n in ("batchrenorm", "instance") for f in (0.0, 0.33, 0.67)]
+    elif args.stage == "renorm":
+        grid = [
+            {"norm": "batchrenorm", "warm": w, "ramp": r, "momentum": m}
+            for (w, r) in ((0.1, 0.1), (0.2, 0.2), (0.4, 0.3))
+            for m in (0.01, 0.05)
+        ]
+    else:  # confirm
+        grid = [{"norm": n} for n in ("batchrenorm", "instance", "batch")]
+    for seed, dataset, change in itertools.product(seeds, datasets, grid):
+        yield {**base, **change, "dataset": dataset, "seed": seed, "steps": args.steps}
+
+
+def _key(run: dict[str, Any]) -> str:
+    fields = ("dataset", "norm", "loss", "schedule", "fg", "warm", "ramp", "momentum", "seed")
+    return "|".join(str(run[f]) for f in (*fields, "steps"))
+
+
+def _data(root: Path, dataset: str) -> dict[str, list[dict[str, str]]]:
+    """Two 384x384 training and two 256x256 validation images (written once)."""
+    from nahtlos.paper.synth import write_synthetic
+
+    folder = root / "data" / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[dict[str, str]]] = {"train": [], "val": []}
+    suffix = "_semantic.tif" if dataset == "organoids" else "_labels.tif"
+    plan = [("train", i, i, (384, 384)) for i in range(2)]
+    plan += [("val", i, 1000 + i, (256, 256)) for i in range(2)]
+    for split, i, seed, shape in plan:
+        image = folder / f"{split}-{i}.tif"
+        labels = folder / f"{split}-{i}{suffix}"
+        if not labels.exists():
+            write_synthetic(dataset, image, shape, seed=seed, format="tif", overwrite=True, progress=False)
+        files[split].append({"image": str(image), "labels": str(labels)})
+    return files
+
+
+def _config(run: dict[str, Any], files: dict[str, Any], out: Path) -> Any:
+    from nahtlos.training.config import validate_config
+
+    organoids = run["dataset"] == "organoids"
+    steps = run["steps"]
+    data = {
+        "train": files["train"],
+        "val": files["val"],
+        "labels": "semantic" if organoids else "instances",
+        "num_classes": 3 if organoids else None,
+        "patch": [96, 96],
+        "foreground_bias": run["fg"],
+    }
+    train = {
+        "steps": steps,
+        "batch_size": 1,
+        "accumulate": 2,
+        "lr": 1e-3,
+        "lr_schedule": run["schedule"],
+        "loss": run["loss"],
+        "seed": run["seed"],
+        "renorm": {"warmup_steps": round(run["warm"] * steps), "ramp_steps": round(run["ramp"] * steps)},
+        "recalibrate": 0,  # every method is measured below on the same network
+        "val_every": steps,
+        "val_block": [72, 72],
+        "val_batch_size": 4,
+        "checkpoint_every": steps,
+        "device": "cpu",
+    }
+    model = {
+        "ndim": 2,
+        "norm": run["norm"],
+        "channels": [16, 32, 64],
+        "momentum": run["momentum"],
+    }
+    return validate_config({"data": data, "model": model, "train": train, "out": str(out)})
+
+
+def _class_names(dataset: str) -> tuple[str, ...]:
+    from nahtlos.io import SEMANTIC_CLASSES
+    from nahtlos.paper.synth import class_names
+
+    return class_names(dataset) if dataset == "organoids" else SEMANTIC_CLASSES
+
+
+def _evaluate(model: Any, meta: dict[str, Any], config: Any, vols: list[Any]) -> dict[str, Any]:
+    from nahtlos.training.validation import validate
+
+    return validate(
+        model,
+        vols,
+        block=meta["block"],
+        halo=meta["halo"],
+        alignment=meta["alignment"],
+        activation=config.model.activation,
+        labels=config.data.labels,
+        num_classes=config.data.num_classes,
+        batch_size=4,
+    )
+
+
+def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
+    """Train one network and evaluate it as trained and after each recalibration."""
+    import torch
+
+    from nahtlos.nets.checkpoint import load_model
+    from nahtlos.training.data import PatchSampler, open_volume
+    from nahtlos.training.loop import train
+    from nahtlos.training.recalibrate import image_patches, population_statistics, running_stat_layers
+
+    torch.set_num_threads(1)
+    files = _data(Path(root), run["dataset"])
+    out = Path(root) / "runs" / _key(run).replace("|", "_")
+    config = _config(run, files, out)
+    t0 = time.perf_counter()
+    result = train(config, progress=False)
+    seconds = time.perf_counter() - t0
+    loaded = load_model(result.checkpoint)
+    meta = loaded.metadata
+    norm = config.data.input_norm.build()
+    vols = [open_volume(f["image"], f["labels"], 2, input_norm=norm) for f in files["val"]]
+    train_vols = [open_volume(f["image"], f["labels"], 2, input_norm=norm) for f in files["train"]]
+    names = _class_names(run["dataset"])
+    variants = ["ema"]
+    if running_stat_layers(loaded.module):
+        variants += ["layerwise", "pooled", "precise", "whole"]
+    sampler = PatchSampler(
+        train_vols, config.data.patch, labels=config.data.labels, num_classes=config.data.num_classes,
+        foreground_bias=config.data.foreground_bias, flips=False, seed=run["seed"] + 1,
+    )
+    patches = [sampler.sample()[0] for _ in range(32)]
+    rows = []
+    for variant in variants:
+        model = copy.deepcopy(loaded.module)
+        if variant == "whole":
+            tiles = [
+                p
+                for v in train_vols
+                for p in image_patches([v.image], 2, config.data.patch, "all", input_transform=v.normalization)
+            ]
+            population_statistics(model, tiles, "pooled", batch_size=8)
+        elif variant != "ema":
+            population_statistics(model, patches, variant, batch_size=1 if variant == "precise" else 8)
+        scores = _evaluate(model, meta, config, vols)
+        row = {**run, "variant": variant, "seconds": round(seconds, 1), "key": _key(run)}
+        for kind in ("dice_eval", "dice_train", "disparity"):
+            for n, v in zip(names, scores[kind], strict=True):
+                row[f"{kind}_{n}"] = round(float(v), 4)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def _done(csv_path: Path) -> set[str]:
+    if not csv_path.exists():
+        return set()
+    with csv_path.open(newline="") as f:
+        return {r["key"] for r in csv.DictReader(f)}
+
+
+def _append(csv_path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = sorted({k for r in rows for k in r})
+    existing: list[dict[str, str]] = []
+    if csv_path.exists():
+        with csv_path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            existing = list(reader)
+            columns = sorted(set(columns) | set(reader.fieldnames or []))
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(existing + rows)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    csv_path = root / "sweep.csv"
+    done = _done(csv_path)
+    todo = [r for r in _runs(args) if _key(r) not in done]
+    for d in {r["dataset"] for r in todo}:
+        _data(root, d)  # once, before the workers race for it
+    print(f"{len(todo)} runs to do ({len(done)} done), {args.workers} workers")
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = {pool.submit(_one, r, str(root)): r for r in todo}
+        for i, fut in enumerate(as_completed(futures), 1):
+            rows = fut.result()
+            _append(csv_path, rows)
+            r = futures[fut]
+            elapsed = time.perf_counter() - t0
+            print(f"[{i}/{len(todo)}] {_key(r)}  {rows[0]['seconds']} s  ({elapsed / 60:.1f} min)", flush=True)
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _f(x: str) -> float:
+    return float(x) if x not in ("", "nan") else float("nan")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Seed means of foreground and boundary Dice, per recipe, dataset and variant."""
+    root = Path(args.out)
+    with (root / "sweep.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        recipe = (r["norm"], r["loss"], r["schedule"], r["fg"], r["warm"], r["ramp"], r["momentum"], r["steps"])
+        groups[(*recipe, r["variant"], r["dataset"])].append(r)
+    table: dict[tuple[str, ...], dict[str, tuple[float, float, float, int]]] = defaultdict(dict)
+    for key, rs in groups.items():
+        *recipe_variant, dataset = key
+        fg = np.mean([_f(r["dice_eval_foreground"]) for r in rs])
+        bd = np.mean([_f(r["dice_eval_boundaries"]) for r in rs])
+        dis = np.mean([np.nanmean([_f(v) for k, v in r.items() if k.startswith("disparity_")]) for r in rs])
+        table[tuple(recipe_variant)][dataset] = (fg, bd, dis, len(rs))
+    head = "| norm | loss | schedule | fg bias | warm/ramp | momentum | steps | statistics |"
+    datasets = [d for d in DATASETS if any(d in v for v in table.values())]
+    head += "".join(f" {d} fg / bd |" for d in datasets) + " mean fg / bd | disparity |"
+    print(head)
+    print("|" + "---|" * (8 + len(datasets) + 2))
+    for key in sorted(table):
+        norm, loss, sched, fg, warm, ramp, mom, steps, variant = key
+        cells = table[key]
+        line = f"| {norm} | {loss} | {sched} | {fg} | {warm}/{ramp} | {mom} | {steps} | {variant} |"
+        fgs, bds, dis = [], [], []
+        for d in datasets:
+            if d in cells:
+                a, b, c, n = cells[d]
+                fgs.append(a)
+                bds.append(b)
+                dis.append(c)
+                line += f" {a:.3f} / {b:.3f} ({n}) |"
+            else:
+                line += " |"
+        line += f" {np.mean(fgs):.3f} / {np.mean(bds):.3f} | {np.mean(dis):.3f} |"
+        print(line)
+    if args.figure:
+        _figure(table, datasets, root / "sweep.png")
+
+
+def _figure(table: dict[tuple[str, ...], dict[str, tuple[float, float, float, int]]], datasets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in sorted(table) if k[-1] in ("ema", "layerwise")]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 0.32 * len(keys) + 1.5), sharey=True)
+    axes = np.atleast_1d(axes)
+    labels = [f"{k[0][:5]} {k[1]} {k[2]} fg{k[3]} w{k[4]} m{k[6]} [{k[8]}]" for k in keys]
+    for ax, d in zip(axes, datasets, strict=True):
+        y = np.arange(len(keys))
+        fg = [table[k].get(d, (np.nan,) * 4)[0] for k in keys]
+        bd = [table[k].get(d, (np.nan,) * 4)[1] for k in keys]
+        ax.barh(y - 0.2, fg, 0.4, label="foreground")
+        ax.barh(y + 0.2, bd, 0.4, label="boundaries")
+        ax.set_title(d)
+        ax.set_xlim(0, 1)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.suptitle("eval-mode Dice, mean over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--stage", choices=("loss", "sampling", "renorm", "confirm"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--loss", default="dice_bce")
+    p.add_argument("--schedule", default="poly")
+    p.add_argument("--fg", type=float, default=0.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--figure", action="store_true")
+    args = p.parse_args()
+    if args.report:
+        report(args)
+    elif args.stage:
+        sweep(args)
+    else:
+        p.error("give --stage or --report")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
