@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monai.networks.nets import UNet
 
-from nahtlos.nets import receptive_field
+from nahtlos.nets.receptive_field import receptive_field
 
 
 def make(channels: tuple[int, ...], num_res_units: int, norm: str) -> torch.nn.Module:

@@ -109,6 +109,34 @@ def test_auto_geometry_uses_receptive_field_and_memory():
         auto_geometry(net, 2, 1, (5, 6, 7), block=16, halo=12, alignment=4)
 
 
+def test_auto_geometry_reuses_the_probes_forward_passes():
+    # Measured apart, the receptive field runs the model (the ERF's passes) and the
+    # memory model runs it three times: once for the output channels, once per peak
+    # window. auto_geometry takes the output channels from the probe: one pass fewer,
+    # and the only inference passes left are the two peak windows.
+    net = make_unet(2, 2, norm="batch")
+    calls: list[tuple[bool, tuple[int, ...]]] = []
+
+    def count(module, args, output):
+        if module is net:  # the probe's copies carry the hook too
+            calls.append((torch.is_inference_mode_enabled(), tuple(args[0].shape[2:])))
+
+    net.register_forward_hook(count)
+    rf = receptive_field(net, 2)
+    probe_calls = len(calls)
+    assert probe_calls > 0 and rf.out_channels == 2
+    apart = memory_model(net, 2, 1, rf.alignment)
+    assert calls[probe_calls:] == [(True, (24, 24)), (True, (24, 24)), (True, (48, 48))]
+    before = len(calls)
+    calls.clear()
+    geo = auto_geometry(net, 2, 1, (500, 700), max_memory=2_000_000)
+    assert len(calls) == before - 1
+    assert [c for c in calls if c[0]] == [(True, (24, 24)), (True, (48, 48))]
+    # The same memory model, so the same block.
+    assert geo.memory == apart
+    assert geo.block == choose_block(apart, 2, 1, geo.halo, geo.alignment, 2_000_000, (500, 700))
+
+
 def test_peak_memory_ignores_model_grad_state():
     net = make_unet(2, 1)
     before = [p.requires_grad for p in net.parameters()]

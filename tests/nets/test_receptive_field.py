@@ -22,7 +22,7 @@ from nahtlos.nets.receptive_field import (
     MASSES,
     ReceptiveField,
     ReceptiveFieldError,
-    _erf_radius,
+    erf_mass_radius,
     plot_receptive_field,
     receptive_field,
     recommend_halo,
@@ -478,7 +478,7 @@ def test_erf_radius_is_the_smallest_holding_the_mass(args):
     profile = np.random.default_rng(seed).random(n) ** 4
     erf = np.outer(np.ones(3), profile)
     for mass in MASSES:
-        (_, r) = _erf_radius(erf, (1, c), mass)
+        (_, r) = erf_mass_radius(erf, (1, c), mass)
         held = profile[max(c - r, 0) : c + r + 1].sum()
         assert held >= mass * profile.sum() * (1 - 1e-9)
         if r > 0:

@@ -10,6 +10,8 @@ two window sizes is run while a dispatch mode counts the bytes of every tensor t
 model allocates and frees (on CUDA, the allocator's peak), and a line through the two
 peaks gives a fixed part (weights, workspaces) and a part per window voxel. The
 prefetched input windows and the output windows waiting to be written are added.
+The model's output channels come from the receptive-field probe when it ran (its
+ERF passes run the model), so the two peak passes are the only ones made for memory.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from typing import Any
 
 import psutil
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..axes import as_per_axis, axis_names, round_up
 from ..errors import BlockShapeError, NahtlosError
+from ..nets.dispatch import ObservingMode
 from ..nets.receptive_field import ReceptiveField, receptive_field, recommend_halo
 from .geometry import BlockGrid
 from .predict import model_device_dtype
@@ -108,7 +110,7 @@ def available_memory(device: str | torch.device = "cpu") -> int:
     return int(psutil.virtual_memory().available)
 
 
-class _PeakTracker(TorchDispatchMode):
+class _PeakTracker(ObservingMode):
     """Counts live bytes of tensors allocated by ops (views and in-place ops add none)."""
 
     def __init__(self) -> None:
@@ -122,14 +124,7 @@ class _PeakTracker(TorchDispatchMode):
         if n is not None:
             self.current -= n
 
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
+    def observe(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -143,7 +138,6 @@ class _PeakTracker(TorchDispatchMode):
             # PyTorch keeps a tensor's Python object alive as long as the tensor lives,
             # so this fires when the storage is released.
             weakref.finalize(t, self._free, key)
-        return out
 
 
 def forward_peak_memory(
@@ -215,8 +209,17 @@ def memory_model(
     *,
     batch_size: int = 1,
     prefetch: int = 2,
+    out_channels: int | None = None,
 ) -> MemoryModel:
     """Measure :class:`MemoryModel` of ``model`` by two forward passes (see module docs).
+
+    Parameters
+    ----------
+    out_channels
+        The model's output channels, if known (e.g.
+        :attr:`~nahtlos.nets.receptive_field.ReceptiveField.out_channels`, seen by the
+        receptive-field probe, which has also run the model already); otherwise a
+        forward pass on the smaller window finds them.
 
     Raises
     ------
@@ -226,12 +229,9 @@ def memory_model(
     align = as_per_axis(alignment, ndim, "alignment")
     small = tuple(round_up(max(24, 2 * a), a) for a in align)
     large = tuple(2 * s for s in small)
-    dev, dtype = model_device_dtype(model)
     try:
-        with torch.inference_mode():
-            out = model(torch.zeros((1, in_channels, *small), dtype=dtype, device=dev))
-        first = next(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        out_channels = int(first.shape[1])
+        if out_channels is None:
+            out_channels = _output_channels(model, in_channels, small)
         peaks = [
             forward_peak_memory(model, in_channels, w, batch_size=batch_size)
             for w in (small, large)
@@ -245,6 +245,15 @@ def memory_model(
     per_voxel = max(peaks[1] - peaks[0], 0) / (math.prod(large) - math.prod(small))
     fixed = max(peaks[0] - per_voxel * math.prod(small), 0.0)
     return MemoryModel(fixed, per_voxel, in_channels, out_channels, batch_size, prefetch)
+
+
+def _output_channels(model: torch.nn.Module, in_channels: int, window: Sequence[int]) -> int:
+    """Channels of the model's (first) output, by an inference forward pass on zeros."""
+    dev, dtype = model_device_dtype(model)
+    with torch.inference_mode():
+        out = model(torch.zeros((1, in_channels, *window), dtype=dtype, device=dev))
+    first = next(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    return int(first.shape[1])
 
 
 def choose_block(
@@ -433,8 +442,16 @@ def auto_geometry(
             if max_memory is not None
             else int(available_memory(dev) * DEFAULT_MEMORY_FRACTION)
         )
+        # The receptive-field probe has run the model already: no forward pass just for
+        # its output channels.
         mm = memory_model(
-            model, ndim, in_channels, align_t, batch_size=batch_size, prefetch=prefetch
+            model,
+            ndim,
+            in_channels,
+            align_t,
+            batch_size=batch_size,
+            prefetch=prefetch,
+            out_channels=None if rf is None else rf.out_channels,
         )
         block_t = choose_block(mm, ndim, in_channels, grid_halo, align_t, budget, shape)
         chosen.append("block")
