@@ -106,6 +106,13 @@ def test_blocks_off_the_noise_lattice_are_refused():
 # ------------------------------------------------------------------------------ labels
 
 
+def test_an_image_without_objects():
+    # this seed's embryo region holds no nucleus candidate (found by hypothesis below)
+    s = _sample("embryo", (12, 48, 64), seed=1_643_053_220)
+    assert not s.labels.any() and s.image.std() > 0
+    assert len(make_generator("embryo", (12, 48, 64), 1_643_053_220, 1.0).objects) == 0
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=st.sampled_from(SYNTHETIC_DATASETS),

@@ -178,6 +178,8 @@ class SmoothField:
     def points(self, points: np.ndarray) -> np.ndarray:
         """The field at integer voxel positions ``points`` (N, ndim), as grid() computes it."""
         ndim = points.shape[1]
+        if len(points) == 0:  # e.g. no candidate left after thinning
+            return np.zeros(0, np.float32)
         firsts, weights = [], []
         for a in range(ndim):
             f, w = self._weights(a, points[:, a].astype(np.float64))
