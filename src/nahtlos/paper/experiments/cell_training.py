@@ -74,7 +74,7 @@ def train_cell(
     """Train (or resume, or skip) a cell.
 
     Returns the final checkpoint, the step training started from, its seconds, and the
-    key of the cell whose training was reused (see :func:`shared_training`).
+    key of the cell whose training was reused (see :func:`~.presets.shared_training`).
     """
     from ...nets.checkpoint import convert_checkpoint
     from ...training.train import train

@@ -149,6 +149,7 @@ class Generator:
     # -- the pipeline
 
     def block_alignment(self) -> int:
+        """The noise lattice: blocks start on multiples of it."""
         return CHUNK[self.ndim]
 
     def block(
