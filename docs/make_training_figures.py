@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from nahtlos import load_model, open_image, predict_blockwise
-from nahtlos.io.labels import instances_to_semantic
+from nahtlos.io import instances_to_semantic
 
 
 def main(run: Path, image_path: str, labels_path: str, out: Path) -> None:

@@ -20,9 +20,6 @@ from nahtlos.paper.experiments import (
     Cell,
     ExperimentError,
     Preset,
-    _cell_config,
-    _Geometry,
-    _Image,
     grid,
     read_csv,
     reproduce,
@@ -30,6 +27,8 @@ from nahtlos.paper.experiments import (
     shared_training,
     tables_markdown,
 )
+from nahtlos.paper.experiments.cell_training import cell_config
+from nahtlos.paper.experiments.inputs import Geometry, ImageFiles
 
 
 def mini_preset(**changes: object) -> Preset:
@@ -228,17 +227,19 @@ def test_grid_and_presets():
 def test_paper_preset_is_the_papers_recipe(tmp_path):
     paper = PRESETS["paper"]
     files = {
-        k: [_Image(str(tmp_path / f"{k}.tif"), str(tmp_path / f"{k}_l.tif"))]
+        k: [ImageFiles(str(tmp_path / f"{k}.tif"), str(tmp_path / f"{k}_l.tif"))]
         for k in ("train", "val")
     }
     for cell in grid(paper):
-        geo = _Geometry((12, 12, 12), (4, 4, 4), (96, 96, 96))
+        geo = Geometry((12, 12, 12), (4, 4, 4), (96, 96, 96))
         if cell.arch == "unetr":
-            geo = _Geometry((16, 16, 16), (16, 16, 16), (96, 96, 96))
-        cfg = _cell_config(paper, cell, files, geo, tmp_path / cell.key)
+            geo = Geometry((16, 16, 16), (16, 16, 16), (96, 96, 96))
+        cfg = cell_config(paper, cell, files, geo, tmp_path / cell.key)
         assert cfg.model.ndim == 3 and cfg.data.patch == [96, 96, 96]
         assert (cfg.train.steps, cfg.train.batch_size, cfg.train.accumulate) == (25000, 1, 8)
         assert cfg.train.lr == 1e-3 and cfg.model.momentum == 0.01
+        # BatchRenorm: BatchNorm for 40% of the steps, then a ramp over 30%
+        assert (cfg.train.renorm.warmup_steps, cfg.train.renorm.ramp_steps) == (10000, 7500)
         assert cfg.data.input_norm.mode == cell.input_norm and cfg.model.norm == cell.norm
         if cell.arch == "unet":
             assert cfg.model.channels == [32, 64, 128] and cfg.train.val_block == [72, 72, 72]
@@ -250,9 +251,9 @@ def test_mismatch_window_cuts_subtiles_of_the_inference_window():
     from nahtlos.analysis.metrics import tile_mismatch
 
     for geo in (
-        _Geometry((12, 12), (4, 4), (96, 96)),
-        _Geometry((16, 16), (16, 16), (64, 64)),
-        _Geometry((12, 12), (4, 4), (48, 48)),
+        Geometry((12, 12), (4, 4), (96, 96)),
+        Geometry((16, 16), (16, 16), (64, 64)),
+        Geometry((12, 12), (4, 4), (48, 48)),
     ):
         window, overlap = geo.mismatch_window()
         seen: list[tuple[int, ...]] = []

@@ -3,6 +3,8 @@ the property each dataset is built to carry, image formation, and file round tri
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import tifffile
@@ -19,10 +21,6 @@ from nahtlos.errors import FormatError
 from nahtlos.paper.synth import (
     SYNTHETIC_DATASETS,
     SynthError,
-    _blocks,
-    _generator,
-    _random_sequential_adsorption,
-    _SmoothField,
     open_synthetic,
     save_preview,
     semantic_classes,
@@ -30,6 +28,11 @@ from nahtlos.paper.synth import (
     tile_means,
     write_synthetic,
 )
+from nahtlos.paper.synth import datasets as synth_datasets
+from nahtlos.paper.synth.datasets import make_generator
+from nahtlos.paper.synth.fields import SmoothField
+from nahtlos.paper.synth.generator import Generator
+from nahtlos.paper.synth.placement import random_sequential_adsorption
 
 SHAPE_2D = (160, 192)
 SHAPE_3D = (16, 64, 96)
@@ -37,6 +40,13 @@ SHAPE_3D = (16, 64, 96)
 
 def _sample(name, shape, seed=0, anisotropy=1.0):
     return synthesize(name, shape, seed=seed, anisotropy=anisotropy)
+
+
+def _cut(shape, block):
+    """Origins and shapes of the blocks of a regular cut (partial blocks at the far end)."""
+    starts = [range(0, s, b) for s, b in zip(shape, block, strict=True)]
+    for origin in itertools.product(*starts):
+        yield origin, tuple(min(b, s - o) for o, b, s in zip(origin, block, shape, strict=True))
 
 
 # --------------------------------------------------------------------------- determinism
@@ -72,11 +82,11 @@ def test_same_seed_same_arrays_other_seed_other_arrays(name, shape):
 def test_blockwise_generation_equals_whole_image(name, shape, block, anisotropy):
     # The out-of-core guarantee: any cut into blocks gives the very same arrays.
     whole = _sample(name, shape, seed=2, anisotropy=anisotropy)
-    gen = _generator(name, shape, 2, anisotropy)
+    gen = make_generator(name, shape, 2, anisotropy)
     image = np.zeros_like(whole.image)
     labels = np.zeros_like(whole.labels)
     semantic = np.zeros(shape, np.uint8)
-    for origin, bshape in _blocks(shape, block):
+    for origin, bshape in _cut(shape, block):
         sl = tuple(slice(o, o + s) for o, s in zip(origin, bshape, strict=True))
         image[sl], labels[sl], semantic[sl] = gen.block(origin, bshape)
     np.testing.assert_array_equal(image, whole.image)
@@ -86,7 +96,7 @@ def test_blockwise_generation_equals_whole_image(name, shape, block, anisotropy)
 
 
 def test_blocks_off_the_noise_lattice_are_refused():
-    gen = _generator("plants", (128, 128), 0, 1.0)
+    gen = make_generator("plants", (128, 128), 0, 1.0)
     with pytest.raises(SynthError, match="lattice"):
         gen.block((10, 0), (64, 64))
     with pytest.raises(SynthError, match="lattice"):
@@ -94,6 +104,13 @@ def test_blocks_off_the_noise_lattice_are_refused():
 
 
 # ------------------------------------------------------------------------------ labels
+
+
+def test_an_image_without_objects():
+    # this seed's embryo region holds no nucleus candidate (found by hypothesis below)
+    s = _sample("embryo", (12, 48, 64), seed=1_643_053_220)
+    assert not s.labels.any() and s.image.std() > 0
+    assert len(make_generator("embryo", (12, 48, 64), 1_643_053_220, 1.0).objects) == 0
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -111,7 +128,7 @@ def test_labels_are_consistent(name, seed, three_d, anisotropy):
     # every instance is one face-connected object
     assert components(s.labels, connectivity=1, background=0).max() == len(ids)
     # ids are object indices + 1: within range
-    gen = _generator(name, shape, seed, anisotropy if three_d else 1.0)
+    gen = make_generator(name, shape, seed, anisotropy if three_d else 1.0)
     assert ids.size == 0 or ids.max() <= len(gen.objects)
     # boundary / foreground / background partition by the find_boundaries convention
     sem = semantic_classes(s.labels)
@@ -124,7 +141,7 @@ def test_labels_are_consistent(name, seed, three_d, anisotropy):
 
 
 def test_clean_up_gives_cut_off_pieces_to_the_object_they_touch():
-    gen = _generator("plants", (128, 128), 0, 1.0)
+    gen = make_generator("plants", (128, 128), 0, 1.0)
     labels, _ = gen._labels((0, 0), (128, 128))
     gen._clean_up(labels, (0, 0))
     ids = [i for i in np.unique(labels) if i]
@@ -167,7 +184,7 @@ def _reference_nuclei(gen, shape):
     ("shape", "anisotropy"), [((128, 160), 1.0), ((16, 48, 64), 2.5)], ids=["2d", "3d"]
 )
 def test_nuclei_labels_match_an_independent_rasterization(name, shape, anisotropy):
-    gen = _generator(name, shape, 7, anisotropy)
+    gen = make_generator(name, shape, 7, anisotropy)
     labels = _sample(name, shape, seed=7, anisotropy=anisotropy).labels
     ref, margin = _reference_nuclei(gen, shape)
     differ = labels != ref
@@ -185,7 +202,7 @@ def test_organoid_cells_are_warped_voronoi_cells_of_the_seeds():
     from scipy.spatial import cKDTree
 
     shape = (200, 240)
-    gen = _generator("organoids", shape, 4, 1.0)
+    gen = make_generator("organoids", shape, 4, 1.0)
     labels = _sample("organoids", shape, seed=4).labels
     origin = (0, 0)
     warped = []
@@ -283,7 +300,7 @@ def test_anisotropy_keeps_physical_size():
 
 @pytest.mark.parametrize("name", SYNTHETIC_DATASETS)
 def test_detection_is_poisson_plus_gaussian_noise(name):
-    gen = _generator(name, (256, 256), 0, 1.0)
+    gen = make_generator(name, (256, 256), 0, 1.0)
     for level in (0.2, 0.5):
         adu = gen._detect((0, 0), np.full((256, 256), level, np.float32)).astype(np.float64)
         lam = level * gen.photons
@@ -294,14 +311,14 @@ def test_detection_is_poisson_plus_gaussian_noise(name):
 
 
 def test_psf_blurs_more_along_z():
-    gen = _generator("plants", (64, 64, 64), 0, 1.0)
+    gen = make_generator("plants", (64, 64, 64), 0, 1.0)
     assert gen.sigma[0] > gen.sigma[1] == gen.sigma[2]
-    gen4 = _generator("plants", (64, 64, 64), 0, 4.0)
+    gen4 = make_generator("plants", (64, 64, 64), 0, 4.0)
     assert gen4.sigma[0] == pytest.approx(gen.sigma[0] / 4)
 
 
 def test_smooth_field_is_window_independent_unit_variance_and_pointwise_equal():
-    f = _SmoothField(np.random.default_rng(1), [-20, -20], [300, 300], [6.0, 9.0])
+    f = SmoothField(np.random.default_rng(1), [-20, -20], [300, 300], [6.0, 9.0])
     big = f.grid((-10, -5), (280, 290))
     small = f.grid((37, 11), (50, 70))
     np.testing.assert_array_equal(big[47:97, 16:86], small)
@@ -319,7 +336,7 @@ def test_sequential_adsorption_never_overlaps(seed, gap, ndim):
     radii = rng.uniform(2, 6, 300)
     fixed = rng.uniform(0, 60, (5, ndim))
     fixed_r = rng.uniform(2, 6, 5)
-    keep = _random_sequential_adsorption(centers, radii, gap, fixed, fixed_r)
+    keep = random_sequential_adsorption(centers, radii, gap, fixed, fixed_r)
     c, r = centers[keep], radii[keep]
     d = np.linalg.norm(c[:, None] - c[None], axis=-1) + np.eye(len(c)) * 1e9
     assert np.all(d >= r[:, None] + r[None] + gap - 1e-9)
@@ -359,17 +376,17 @@ def test_ome_zarr_round_trip(tmp_path, monkeypatch):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    from nahtlos.paper import synth
+    from nahtlos.engine import BlockGrid
 
     # small blocks: the file is written in several pieces
-    monkeypatch.setattr(synth, "_BLOCK_VOXELS", {2: 64 * 64, 3: 16 * 96 * 64})
+    monkeypatch.setattr(synth_datasets, "BLOCK_VOXELS", {2: 64 * 64, 3: 16 * 96 * 64})
 
     shape, seed = (16, 96, 128), 3
     out = tmp_path / "organoids.zarr"
     written = write_synthetic(
         "organoids", out, shape, seed=seed, anisotropy=2.0, chunks=(32, 64, 64), progress=False
     )
-    assert len(synth._blocks(shape, synth._default_block(shape, (16, 64, 64), (1, 1, 1)))) == 2
+    assert len(BlockGrid(shape, synth_datasets.default_block(shape, (16, 64, 64), (1, 1, 1)))) == 2
     ref = _sample("organoids", shape, seed=seed, anisotropy=2.0)
     assert written.paths["image"] == out
     assert written.objects == len(np.unique(ref.labels)) - 1
@@ -437,10 +454,8 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".zarr", ".tif"])
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, suffix):
-    from nahtlos.paper import synth
-
     calls = {"n": 0}
-    original = synth._Generator.block
+    original = Generator.block
 
     def failing(self, origin, shape):
         calls["n"] += 1
@@ -448,8 +463,8 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, suffix):
             raise KeyboardInterrupt
         return original(self, origin, shape)
 
-    monkeypatch.setattr(synth._Generator, "block", failing)
-    monkeypatch.setattr(synth, "_BLOCK_VOXELS", {2: 64 * 64, 3: 32**3})
+    monkeypatch.setattr(Generator, "block", failing)
+    monkeypatch.setattr(synth_datasets, "BLOCK_VOXELS", {2: 64 * 64, 3: 32**3})
     with pytest.raises(KeyboardInterrupt):
         write_synthetic(
             "plants", tmp_path / f"p{suffix}", (128, 128), chunks=(64, 64), progress=False

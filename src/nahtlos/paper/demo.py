@@ -162,15 +162,16 @@ def _central_region(
 
 @dataclass
 class _Run:
-    """What every stage of the demo shares."""
+    """What every stage of the demo shares.
+
+    The synthetic volume at ``image_path`` is opened when the run is made: its level 0
+    as the source of the predictions, and the diagnosed ``region`` of the image and
+    of its labels read into memory.
+    """
 
     out: Path
     image_path: Path
-    labels_path: Path
-    source: Any  # ImageSource of level 0
     region: tuple[slice, ...]
-    region_image: np.ndarray
-    region_labels: np.ndarray
     block: tuple[int, ...]
     tile: tuple[int, ...] | None
     output_dtype: str
@@ -180,12 +181,27 @@ class _Run:
     steps: int
     phases: dict[str, float] = field(default_factory=dict)
     tick: float = field(default_factory=time.perf_counter)
+    labels_path: Path = field(init=False)
+    source: Any = field(init=False)  # ImageSource of level 0
+    region_image: np.ndarray = field(init=False)
+    region_labels: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        from ..io import open_image, open_source
+
+        self.labels_path = self.image_path / "labels" / "instances"
+        self.source = open_source(self.image_path)
+        self.region_image = np.asarray(open_image(self.image_path)[self.region])
+        labels = open_image(self.image_path, "labels/instances/0")
+        self.region_labels = np.asarray(labels[self.region])
 
     def stage(self, text: str) -> None:
+        """Log a stage line (only with progress)."""
         if self.progress:
             self.log(text)
 
     def phase(self, name: str) -> None:
+        """Record the seconds since the last phase as phase ``name``."""
         now = time.perf_counter()
         self.phases[name] = round(now - self.tick, 1)
         self.tick = now
@@ -312,9 +328,7 @@ def run_demo(
     -------
     DemoResult
     """
-    from ..io import open_image, open_source, remove_output
     from .pretrained import load_pretrained
-    from .synth import write_synthetic
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -323,33 +337,16 @@ def run_demo(
     if len(shape_t) != 3:
         raise NahtlosError(f"the demo volume is 3D (Z, Y, X); got shape {shape_t}")
     block_t = as_per_axis(block, 3, "block")
-    image_path = out / f"{_DATASET}.ome.zarr"
     names = [n for n, _ in _VARIANTS] + ([_GLOBAL_STATS] if global_stats else [])
-    for stale in [image_path, out / "seams.png", out / "summary.md"] + [
-        p for n in names for p in (out / f"prediction-{n}.ome.zarr", out / f"diagnosis-{n}")
-    ]:
-        remove_output(stale)
-
-    # synthesize, percentiles, then one step per network
-    steps = 2 + len(names)
-    if progress:
-        log(
-            f"[1/{steps}] writing a synthetic {_DATASET} volume {'x'.join(map(str, shape_t))} "
-            f"({np.prod(shape_t) / 2**20:.0f} Mi voxels) to {image_path}"
-        )
-    write_synthetic(_DATASET, image_path, shape_t, seed=seed, progress=progress)
+    _remove_outputs(out, names)
+    steps = 2 + len(names)  # synthesize, percentiles, then one step per network
+    image_path = _synthesize(out, shape_t, seed, steps, progress, log)
     models = {name: load_pretrained(name) for name, _ in _VARIANTS}
     align = max(max(m.metadata["alignment"]) for m in models.values())
-    region_t = _central_region(shape_t, as_per_axis(tuple(region), 3, "region"), align)
-    labels_path = image_path / "labels" / "instances"
     run = _Run(
         out=out,
         image_path=image_path,
-        labels_path=labels_path,
-        source=open_source(image_path),
-        region=region_t,
-        region_image=np.asarray(open_image(image_path)[region_t]),
-        region_labels=np.asarray(open_image(image_path, "labels/instances/0")[region_t]),
+        region=_central_region(shape_t, as_per_axis(tuple(region), 3, "region"), align),
         block=block_t,
         tile=None if tile is None else as_per_axis(tuple(tile), 3, "tile"),
         output_dtype=output_dtype,
@@ -360,43 +357,83 @@ def run_demo(
         tick=t0,
     )
     run.phase("synthesize")
-
-    # Both networks scale their input by the same global percentiles: one pass.
-    run.stage(f"[2/{steps}] global input percentiles (one streaming pass over the volume)")
-    norms: dict[str, InputNormalization] = {}
-    for name, loaded in models.items():
-        spec = {**loaded.metadata["input_normalization"], "values": None}
-        key = repr(sorted(spec.items()))
-        if key not in norms:
-            norms[key] = InputNormalization.from_dict(spec).fit(run.source.array, progress=progress)
-        norms[name] = norms[key]
-    run.phase("percentiles")
-
-    result = DemoResult(out, image_path, shape_t, block_t, region_t)
+    norms = _input_normalizations(run, models)
+    result = DemoResult(out, image_path, shape_t, block_t, run.region)
     for step, (name, title) in enumerate(_VARIANTS, start=3):
         loaded = models[name]
         result.models.append(
             run.predict_and_diagnose(name, title, loaded.module, loaded.metadata, norms[name], step)
         )
     if global_stats:
+        instance, twin = models["embryo-instance"], models["embryo-batchrenorm"]
         result.models.append(
-            _with_global_stats(
-                run,
-                models["embryo-instance"],
-                models["embryo-batchrenorm"],
-                norms["embryo-instance"],
-                stats_fraction,
-            )
+            _with_global_stats(run, instance, twin, norms["embryo-instance"], stats_fraction)
         )
+    _finish(result, run, t0)
+    return result
+
+
+def _remove_outputs(out: Path, names: Sequence[str]) -> None:
+    """Remove the demo's own outputs of an earlier run (of the networks ``names``)."""
+    from ..io import remove_output
+
+    for stale in [out / f"{_DATASET}.ome.zarr", out / "seams.png", out / "summary.md"] + [
+        p for n in names for p in (out / f"prediction-{n}.ome.zarr", out / f"diagnosis-{n}")
+    ]:
+        remove_output(stale)
+
+
+def _synthesize(
+    out: Path,
+    shape: tuple[int, ...],
+    seed: int,
+    steps: int,
+    progress: bool,
+    log: Callable[[str], None],
+) -> Path:
+    """Step 1: write the synthetic volume with its labels as OME-Zarr; returns its path."""
+    from .synth import write_synthetic
+
+    image_path = out / f"{_DATASET}.ome.zarr"
+    if progress:
+        log(
+            f"[1/{steps}] writing a synthetic {_DATASET} volume {'x'.join(map(str, shape))} "
+            f"({np.prod(shape) / 2**20:.0f} Mi voxels) to {image_path}"
+        )
+    write_synthetic(_DATASET, image_path, shape, seed=seed, progress=progress)
+    return image_path
+
+
+def _input_normalizations(
+    run: _Run, models: dict[str, LoadedModel]
+) -> dict[str, InputNormalization]:
+    """Step 2: each network's input normalization, fitted on the whole volume.
+
+    Networks that scale their input alike (both shipped ones: the same global
+    percentiles) share one fit, one streaming pass.
+    """
+    run.stage(f"[2/{run.steps}] global input percentiles (one streaming pass over the volume)")
+    norms: dict[str, InputNormalization] = {}
+    for name, loaded in models.items():
+        spec = {**loaded.metadata["input_normalization"], "values": None}
+        key = repr(sorted(spec.items()))
+        if key not in norms:
+            fitted = InputNormalization.from_dict(spec).fit(run.source.array, progress=run.progress)
+            norms[key] = fitted
+        norms[name] = norms[key]
+    run.phase("percentiles")
+    return norms
+
+
+def _finish(result: DemoResult, run: _Run, t0: float) -> None:
+    """The seam figure, the timings, and the summary: into ``summary.md`` and the log."""
     _seam_figure(result)
     result.seconds = time.perf_counter() - t0
     result.phases = run.phases
     text = result.summary()
-    (out / "summary.md").write_text(text + "\n")
-    if progress:
-        log("")
-    log(text)
-    return result
+    (run.out / "summary.md").write_text(text + "\n")
+    run.stage("")
+    run.log(text)
 
 
 def _with_global_stats(
