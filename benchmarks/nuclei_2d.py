@@ -28,7 +28,14 @@ import tifffile
 
 RECIPES = {
     "defaults": [],
-    "paper": ["--set", "train.loss=dice", "--set", "train.lr_schedule=constant", "--set", "train.recalibrate=0"],
+    "paper": [
+        "--set",
+        "train.loss=dice",
+        "--set",
+        "train.lr_schedule=constant",
+        "--set",
+        "train.recalibrate=0",
+    ],
 }
 
 
@@ -75,25 +82,54 @@ def main() -> None:
             t0 = time.perf_counter()
             if not (run / "model.pt").exists():
                 _nahtlos(
-                    "train", "--image", str(left), "--labels", str(args.out / "left_labels.tif"),
-                    "--out", str(run), "--dims", "2", "--norm", norm, "--steps", "300",
-                    "--patch", "128,128", "--set", f"train.seed={seed}", "--no-progress",
+                    "train",
+                    "--image",
+                    str(left),
+                    "--labels",
+                    str(args.out / "left_labels.tif"),
+                    "--out",
+                    str(run),
+                    "--dims",
+                    "2",
+                    "--norm",
+                    norm,
+                    "--steps",
+                    "300",
+                    "--patch",
+                    "128,128",
+                    "--set",
+                    f"train.seed={seed}",
+                    "--no-progress",
                     *RECIPES[args.recipe],
                 )
             seconds = time.perf_counter() - t0
             pred_path = run / "right-prediction.npy"
-            _nahtlos("predict", str(run / "model.pt"), str(right), str(pred_path), "--overwrite", "--no-progress")
+            _nahtlos(
+                "predict",
+                str(run / "model.pt"),
+                str(right),
+                str(pred_path),
+                "--overwrite",
+                "--no-progress",
+            )
             pred = np.load(pred_path) > 0.5  # (boundaries, foreground, background)
             rows.append((norm, seed, _dice(pred[1], truth[1]), _dice(pred[0], truth[0]), seconds))
-            print(f"{norm} seed {seed}: foreground {rows[-1][2]:.3f}, boundaries {rows[-1][3]:.3f}", flush=True)
-    print(f"\nrecipe: {args.recipe}; right half of {args.image.name}, Dice of the thresholded (0.5) prediction\n")
+            print(
+                f"{norm} seed {seed}: foreground {rows[-1][2]:.3f}, boundaries {rows[-1][3]:.3f}",
+                flush=True,
+            )
+    print(
+        f"\nrecipe: {args.recipe}; right half of {args.image.name}, Dice of the thresholded (0.5) prediction\n"
+    )
     print("| norm | seed | foreground Dice | boundary Dice | training s |")
     print("|---|---:|---:|---:|---:|")
     for norm, seed, fg, bd, s in rows:
         print(f"| {norm} | {seed} | {fg:.3f} | {bd:.3f} | {s:.0f} |")
     for norm in args.norms.split(","):
         mine = [r for r in rows if r[0] == norm]
-        print(f"| {norm} | mean | {np.mean([r[2] for r in mine]):.3f} | {np.mean([r[3] for r in mine]):.3f} | |")
+        print(
+            f"| {norm} | mean | {np.mean([r[2] for r in mine]):.3f} | {np.mean([r[3] for r in mine]):.3f} | |"
+        )
 
 
 if __name__ == "__main__":

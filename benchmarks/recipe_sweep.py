@@ -28,7 +28,6 @@ import argparse
 import copy
 import csv
 import itertools
-import json
 import os
 import time
 from collections import defaultdict
@@ -57,11 +56,13 @@ def _runs(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         grid = [
             {"norm": n, "loss": lo, "schedule": s}
             for n in ("batchrenorm", "instance")
-            for lo in ("dice", "dice_bce")
-            for s in ("constant", "poly", "cosine")
+            for lo in args.losses.split(",")
+            for s in args.schedules.split(",")
         ]
     elif args.stage == "sampling":
-        grid = [{"norm": n, "fg": f} for n in ("batchrenorm", "instance") for f in (0.0, 0.33, 0.67)]
+        grid = [
+            {"norm": n, "fg": f} for n in ("batchrenorm", "instance") for f in (0.0, 0.33, 0.67)
+        ]
     elif args.stage == "renorm":
         grid = [
             {"norm": "batchrenorm", "warm": w, "ramp": r, "momentum": m}
@@ -93,7 +94,9 @@ def _data(root: Path, dataset: str) -> dict[str, list[dict[str, str]]]:
         image = folder / f"{split}-{i}.tif"
         labels = folder / f"{split}-{i}{suffix}"
         if not labels.exists():
-            write_synthetic(dataset, image, shape, seed=seed, format="tif", overwrite=True, progress=False)
+            write_synthetic(
+                dataset, image, shape, seed=seed, format="tif", overwrite=True, progress=False
+            )
         files[split].append({"image": str(image), "labels": str(labels)})
     return files
 
@@ -119,7 +122,10 @@ def _config(run: dict[str, Any], files: dict[str, Any], out: Path) -> Any:
         "lr_schedule": run["schedule"],
         "loss": run["loss"],
         "seed": run["seed"],
-        "renorm": {"warmup_steps": round(run["warm"] * steps), "ramp_steps": round(run["ramp"] * steps)},
+        "renorm": {
+            "warmup_steps": round(run["warm"] * steps),
+            "ramp_steps": round(run["ramp"] * steps),
+        },
         "recalibrate": 0,  # every method is measured below on the same network
         "val_every": steps,
         "val_block": [72, 72],
@@ -166,7 +172,11 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
     from nahtlos.nets.checkpoint import load_model
     from nahtlos.training.data import PatchSampler, open_volume
     from nahtlos.training.loop import train
-    from nahtlos.training.recalibrate import image_patches, population_statistics, running_stat_layers
+    from nahtlos.training.recalibrate import (
+        image_patches,
+        population_statistics,
+        running_stat_layers,
+    )
 
     torch.set_num_threads(1)
     files = _data(Path(root), run["dataset"])
@@ -185,8 +195,13 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
     if running_stat_layers(loaded.module):
         variants += ["layerwise", "pooled", "precise", "whole"]
     sampler = PatchSampler(
-        train_vols, config.data.patch, labels=config.data.labels, num_classes=config.data.num_classes,
-        foreground_bias=config.data.foreground_bias, flips=False, seed=run["seed"] + 1,
+        train_vols,
+        config.data.patch,
+        labels=config.data.labels,
+        num_classes=config.data.num_classes,
+        foreground_bias=config.data.foreground_bias,
+        flips=False,
+        seed=run["seed"] + 1,
     )
     patches = [sampler.sample()[0] for _ in range(32)]
     rows = []
@@ -196,11 +211,15 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
             tiles = [
                 p
                 for v in train_vols
-                for p in image_patches([v.image], 2, config.data.patch, "all", input_transform=v.normalization)
+                for p in image_patches(
+                    [v.image], 2, config.data.patch, "all", input_transform=v.normalization
+                )
             ]
             population_statistics(model, tiles, "pooled", batch_size=8)
         elif variant != "ema":
-            population_statistics(model, patches, variant, batch_size=1 if variant == "precise" else 8)
+            population_statistics(
+                model, patches, variant, batch_size=1 if variant == "precise" else 8
+            )
         scores = _evaluate(model, meta, config, vols)
         row = {**run, "variant": variant, "seconds": round(seconds, 1), "key": _key(run)}
         for kind in ("dice_eval", "dice_train", "disparity"):
@@ -251,7 +270,10 @@ def sweep(args: argparse.Namespace) -> None:
             _append(csv_path, rows)
             r = futures[fut]
             elapsed = time.perf_counter() - t0
-            print(f"[{i}/{len(todo)}] {_key(r)}  {rows[0]['seconds']} s  ({elapsed / 60:.1f} min)", flush=True)
+            print(
+                f"[{i}/{len(todo)}] {_key(r)}  {rows[0]['seconds']} s  ({elapsed / 60:.1f} min)",
+                flush=True,
+            )
 
 
 # ------------------------------------------------------------------------------ report
@@ -268,14 +290,25 @@ def report(args: argparse.Namespace) -> None:
         rows = list(csv.DictReader(f))
     groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
     for r in rows:
-        recipe = (r["norm"], r["loss"], r["schedule"], r["fg"], r["warm"], r["ramp"], r["momentum"], r["steps"])
+        recipe = (
+            r["norm"],
+            r["loss"],
+            r["schedule"],
+            r["fg"],
+            r["warm"],
+            r["ramp"],
+            r["momentum"],
+            r["steps"],
+        )
         groups[(*recipe, r["variant"], r["dataset"])].append(r)
     table: dict[tuple[str, ...], dict[str, tuple[float, float, float, int]]] = defaultdict(dict)
     for key, rs in groups.items():
         *recipe_variant, dataset = key
         fg = np.mean([_f(r["dice_eval_foreground"]) for r in rs])
         bd = np.mean([_f(r["dice_eval_boundaries"]) for r in rs])
-        dis = np.mean([np.nanmean([_f(v) for k, v in r.items() if k.startswith("disparity_")]) for r in rs])
+        dis = np.mean(
+            [np.nanmean([_f(v) for k, v in r.items() if k.startswith("disparity_")]) for r in rs]
+        )
         table[tuple(recipe_variant)][dataset] = (fg, bd, dis, len(rs))
     head = "| norm | loss | schedule | fg bias | warm/ramp | momentum | steps | statistics |"
     datasets = [d for d in DATASETS if any(d in v for v in table.values())]
@@ -302,14 +335,20 @@ def report(args: argparse.Namespace) -> None:
         _figure(table, datasets, root / "sweep.png")
 
 
-def _figure(table: dict[tuple[str, ...], dict[str, tuple[float, float, float, int]]], datasets: list[str], path: Path) -> None:
+def _figure(
+    table: dict[tuple[str, ...], dict[str, tuple[float, float, float, int]]],
+    datasets: list[str],
+    path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [k for k in sorted(table) if k[-1] in ("ema", "layerwise")]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 0.32 * len(keys) + 1.5), sharey=True)
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(5 * len(datasets), 0.32 * len(keys) + 1.5), sharey=True
+    )
     axes = np.atleast_1d(axes)
     labels = [f"{k[0][:5]} {k[1]} {k[2]} fg{k[3]} w{k[4]} m{k[6]} [{k[8]}]" for k in keys]
     for ax, d in zip(axes, datasets, strict=True):
@@ -339,6 +378,8 @@ def main() -> None:
     p.add_argument("--loss", default="dice_bce")
     p.add_argument("--schedule", default="poly")
     p.add_argument("--fg", type=float, default=0.0)
+    p.add_argument("--losses", default="dice,dice_bce", help="stage loss: the losses tried")
+    p.add_argument("--schedules", default="constant,poly,cosine", help="stage loss: the schedules")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--report", action="store_true")
     p.add_argument("--figure", action="store_true")
