@@ -241,6 +241,13 @@ def test_paper_preset_is_the_papers_recipe(tmp_path):
         # BatchRenorm: BatchNorm for 40% of the steps, then a ramp over 30%
         assert (cfg.train.renorm.warmup_steps, cfg.train.renorm.ramp_steps) == (10000, 7500)
         assert cfg.data.input_norm.mode == cell.input_norm and cfg.model.norm == cell.norm
+        # the paper's recipe, not nahtlos train's defaults
+        assert (cfg.train.loss, cfg.train.lr_schedule, cfg.train.recalibrate) == (
+            "dice",
+            "constant",
+            0,
+        )
+        assert cfg.data.foreground_bias == 0.0
         if cell.arch == "unet":
             assert cfg.model.channels == [32, 64, 128] and cfg.train.val_block == [72, 72, 72]
         else:
@@ -284,3 +291,33 @@ def test_cli_rejects_unknown_names(tmp_path):
     assert res.exit_code == 2 and "'huge' is not one of quick, paper" in res.output
     res = runner.invoke(app, ["reproduce", "--datasets", "cells", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "'cells' is not one of" in res.output
+
+
+def test_recalibrated_networks_and_seed_means(tmp_path):
+    from nahtlos.paper.experiments import reproduce_seeds
+
+    unet = dataclasses.replace(mini_preset().unet, loss="dice_bce", recalibrate=4)
+    preset = mini_preset(unet=unet, datasets=("plants",))
+    runs = reproduce_seeds(
+        preset, tmp_path / "run", [0, 1], archs=("unet",), progress=False, workers=1
+    )
+    assert [r.out.name for r in runs] == ["seed-0", "seed-1"]
+    for r in runs:
+        stats = {(row["norm"], row["statistics"]) for row in r.rows}
+        assert ("batchrenorm", "recalibrated") in stats and ("batch", "recalibrated") in stats
+        assert ("instance", "recalibrated") not in stats
+        tables = (r.out / "tables.md").read_text()
+        assert "moving averages (as trained) → recalibrated statistics" in tables
+        cfg = json.loads((r.out / "manifest.json").read_text())["preset"]
+        assert cfg["train_seed"] == int(r.out.name.split("-")[1])
+    # the two seeds trained different networks on the same data
+    a, b = ({(x["norm"], x["statistics"]): x["dice_eval_foreground"] for x in r.rows} for r in runs)
+    assert a != b
+    means = read_csv(tmp_path / "run" / "seeds.csv")
+    for row in means:
+        key = (row["norm"], row["input_norm"], row["statistics"])
+        if row["eval_dataset"] == "plants" and key in a:
+            assert row["dice_eval_foreground"] == pytest.approx((a[key] + b[key]) / 2)
+            assert row["dice_eval_foreground_min"] == pytest.approx(min(a[key], b[key]))
+    text = (tmp_path / "run" / "seeds.md").read_text()
+    assert "BatchRenorm (global), recalibrated" in text and "training seeds 0, 1" in text

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ._common import cli_errors, fail
+from ._common import cli_errors, fail, parse_ints
 
 
 def register(app: typer.Typer) -> None:
@@ -46,6 +46,13 @@ def reproduce(
     workers: Annotated[
         int | None,
         typer.Option(min=1, help="Cells trained in parallel processes (default: the preset's)."),
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Training seeds, e.g. 0,1,2: one run per seed in OUT/seed-N on the same "
+            "data, and their means in OUT/seeds.md."
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Start over in a folder that holds a run of another preset.")
@@ -87,19 +94,28 @@ def reproduce(
             f"({trained}, eval {res['eval_seconds']:.0f} s)"
         )
 
-    result = run(
-        preset,
-        out,
-        archs=arch_names,
-        datasets=dataset_names,
-        workers=workers,
-        overwrite=overwrite,
-        progress=progress,
-        on_cell_done=report,
-    )
-    typer.echo(
-        f"{len(result.ran)} cells run, {len(result.skipped)} already done, "
-        f"{result.seconds:.0f} s. Wrote:"
-    )
-    for path in result.files.values():
-        typer.echo(f"  {path}")
+    options: dict[str, Any] = {
+        "archs": arch_names,
+        "datasets": dataset_names,
+        "workers": workers,
+        "overwrite": overwrite,
+        "progress": progress,
+        "on_cell_done": report,
+    }
+    if seeds is not None:
+        from ..paper.experiments import reproduce_seeds
+
+        numbers = parse_ints(seeds, "seeds")
+        chosen = numbers if isinstance(numbers, tuple) else (numbers,)
+        results = reproduce_seeds(preset, out, [int(s) for s in chosen if s is not None], **options)
+    else:
+        results = [run(preset, out, **options)]
+    for result in results:
+        typer.echo(
+            f"{result.out}: {len(result.ran)} cells run, {len(result.skipped)} already done, "
+            f"{result.seconds:.0f} s. Wrote:"
+        )
+        for path in result.files.values():
+            typer.echo(f"  {path}")
+    if seeds is not None:
+        typer.echo(f"seed means: {out / 'seeds.md'}")

@@ -60,7 +60,7 @@ from .presets import (
     grid,
     shared_training,
 )
-from .runner import ReproduceResult, reproduce
+from .runner import ReproduceResult, reproduce, reproduce_seeds
 from .tables import read_csv, result_rows, tables_markdown, write_csv
 
 __all__ = [
@@ -75,6 +75,7 @@ __all__ = [
     "grid",
     "read_csv",
     "reproduce",
+    "reproduce_seeds",
     "result_rows",
     "shared_training",
     "tables_markdown",

@@ -16,7 +16,7 @@ from typing import Any
 from .inputs import Geometry, ImageFiles
 from .presets import Cell, ExperimentError, Preset, shared_training
 
-__all__ = ["cell_config", "final_checkpoint", "train_cell"]
+__all__ = ["cell_config", "final_checkpoint", "recalibrated_checkpoint", "train_cell"]
 
 
 def cell_config(
@@ -33,6 +33,7 @@ def cell_config(
         "labels": "semantic" if organoids else "instances",
         "patch": list(a.patch),
         "flips": True,
+        "foreground_bias": a.foreground_bias,
         "input_norm": {"mode": cell.input_norm},
     }
     if organoids:
@@ -42,7 +43,11 @@ def cell_config(
         "batch_size": a.batch_size,
         "accumulate": a.accumulate,
         "lr": a.lr,
-        "seed": preset.seed,  # the same patches for every cell: only the norm differs
+        "lr_schedule": a.lr_schedule,
+        "loss": a.loss,
+        "recalibrate": a.recalibrate,
+        # the same patches for every cell: only the norm differs
+        "seed": preset.seed if preset.train_seed is None else preset.train_seed,
         "renorm": {"warmup_steps": a.warmup_steps, "ramp_steps": a.ramp_steps},
         "val_every": preset.val_every,
         "val_batch_size": 1,
@@ -60,6 +65,17 @@ def cell_config(
 def _checkpoint_step(path: Path) -> int:
     """The optimizer step of a checkpoint file ``step-NNNNNN.pt``."""
     return int(path.stem.split("-")[-1])
+
+
+def recalibrated_checkpoint(root: Path, cell: Cell) -> Path | None:
+    """The final network of ``cell`` with recalibrated norm statistics, if training made
+    one (BatchNorm/BatchRenorm cells of a preset that recalibrates)."""
+    from ...nets.checkpoint import read_checkpoint
+
+    path = root / "cells" / cell.key / "train" / "model.pt"
+    if not path.exists():
+        return None
+    return path if "recalibration" in read_checkpoint(path).get("prediction", {}) else None
 
 
 def final_checkpoint(root: Path, preset: Preset, cell: Cell) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .cell_training import cell_config, train_cell
+from .cell_training import cell_config, recalibrated_checkpoint, train_cell
 from .evaluation import evaluate_on, targets, volumes
 from .inputs import Geometry, ImageFiles, dataset_files
 from .presets import TRANSFER_DATASETS, Cell, Preset
@@ -75,6 +75,12 @@ def run_cell(out: str, preset_dict: dict[str, Any], cell_dict: dict[str, str]) -
         "geometry": geo.to_dict(),
         "evaluations": _evaluations(model, meta, own, cell, files, geo, preset),
     }
+    recalibrated = recalibrated_checkpoint(root, cell)
+    if recalibrated is not None:
+        again = load_model(recalibrated)
+        result["recalibrated"] = {
+            cell.dataset: evaluate_on(again.module, again.metadata, own, cell.dataset, geo, preset)
+        }
     if cell.arch == "unet":
         result.update(_studies(model, meta, own, cell, geo, preset, result, folder))
     result["eval_seconds"] = round(time.perf_counter() - t0, 2)

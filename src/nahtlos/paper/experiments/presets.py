@@ -111,6 +111,11 @@ class ArchPreset:
     warmup_steps, ramp_steps
         BatchRenorm: plain BatchNorm for ``warmup_steps``, then r_max/d_max ramp
         linearly to 3/5 over ``ramp_steps``; the remaining steps train at full bounds.
+    loss, lr_schedule, recalibrate, foreground_bias
+        ``train.loss``, ``train.lr_schedule``, ``train.recalibrate`` and
+        ``data.foreground_bias`` of the training configuration; the defaults are the
+        paper's recipe (Dice loss, constant learning rate, no recalibration, uniform
+        patches).
     """
 
     patch: tuple[int, ...]
@@ -121,6 +126,10 @@ class ArchPreset:
     lr: float
     warmup_steps: int
     ramp_steps: int
+    loss: str = "dice"
+    lr_schedule: str = "constant"
+    recalibrate: int = 0
+    foreground_bias: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -155,6 +164,10 @@ class Preset:
         default).
     device
         ``auto``, ``cpu`` or ``cuda``.
+    seed, train_seed
+        Seed of the data (images ``seed + i``) and of training (every cell draws the
+        same patches; default ``seed``). Runs that differ only in ``train_seed`` train
+        the same grid on the same data from other initializations and patch orders.
     """
 
     name: str
@@ -175,6 +188,7 @@ class Preset:
     device: str = "auto"
     seed: int = 0
     anisotropy: float = 1.0
+    train_seed: int | None = None
 
     def arch(self, name: str) -> ArchPreset:
         """The settings of architecture ``name``."""
@@ -222,15 +236,33 @@ class Preset:
 
 
 def _recipe(
-    patch: tuple[int, ...], model: Mapping[str, Any], steps: int, accumulate: int
+    patch: tuple[int, ...],
+    model: Mapping[str, Any],
+    steps: int,
+    accumulate: int,
+    *,
+    defaults: bool = False,
 ) -> ArchPreset:
-    """The paper's training recipe for ``steps`` optimizer steps.
+    """The paper's training recipe for ``steps`` optimizer steps, or with ``defaults``
+    the recipe of ``nahtlos train`` (loss, learning-rate schedule, recalibration and
+    patch sampling of :mod:`nahtlos.training.config`'s defaults).
 
     Batch size 1 and Adam at 1e-3; BatchRenorm trains as BatchNorm for the first 40% of
     the steps, ramps r_max/d_max over the next 30% and trains the last 30% at full
     bounds. The paper stresses that training must converge before the switch and that
     it be gradual.
     """
+    recipe: dict[str, Any] = {}
+    if defaults:
+        from ...training.config import DataConfig, TrainConfig, default_loss
+
+        train = TrainConfig()
+        recipe = {
+            "loss": default_loss("sigmoid"),
+            "lr_schedule": train.lr_schedule,
+            "recalibrate": train.recalibrate,
+            "foreground_bias": DataConfig.model_fields["foreground_bias"].default,
+        }
     return ArchPreset(
         patch=patch,
         model=model,
@@ -240,6 +272,7 @@ def _recipe(
         lr=1e-3,
         warmup_steps=steps * 2 // 5,
         ramp_steps=steps * 3 // 10,
+        **recipe,
     )
 
 
@@ -259,9 +292,13 @@ QUICK = Preset(
     n_train=2,
     val_shape=(384, 384),
     n_val=2,
-    unet=_recipe((96, 96), {"channels": [16, 32, 64], "strides": [2, 2]}, 1200, 4),
+    unet=_recipe((96, 96), {"channels": [16, 32, 64], "strides": [2, 2]}, 1200, 4, defaults=True),
     unetr=_recipe(
-        (64, 64), {"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}, 600, 4
+        (64, 64),
+        {"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4},
+        600,
+        4,
+        defaults=True,
     ),
     mismatch_stride=64,
     sweep_windows=(48, 64, 96, 128, 192, 288),

@@ -27,9 +27,18 @@ from .cells import load_result, run_cell, write_json
 from .figures import plot_stitched, plot_sweep
 from .inputs import arch_geometry, dataset_files
 from .presets import PRESETS, Cell, ExperimentError, Preset, grid, shared_training
-from .tables import global_stats_rows, read_csv, result_rows, sweep_rows, tables_markdown, write_csv
+from .tables import (
+    global_stats_rows,
+    read_csv,
+    result_rows,
+    seed_means,
+    seeds_markdown,
+    sweep_rows,
+    tables_markdown,
+    write_csv,
+)
 
-__all__ = ["ReproduceResult", "reproduce", "write_outputs"]
+__all__ = ["ReproduceResult", "reproduce", "reproduce_seeds", "write_outputs"]
 
 # what is called with each cell and its result as it completes
 CellDone = Callable[[Cell, dict[str, Any]], None]
@@ -288,3 +297,34 @@ def write_outputs(
         if arrays:
             files[f"stitched-{d}.png"] = plot_stitched(arrays, d, root / f"stitched-{d}.png")
     return files
+
+
+def reproduce_seeds(
+    preset: Preset | str,
+    out: str | os.PathLike[str],
+    seeds: Sequence[int],
+    **kwargs: Any,
+) -> list[ReproduceResult]:
+    """Run the grid once per training seed and write the seed means.
+
+    Each seed runs :func:`reproduce` into ``out/seed-<s>`` with the preset's
+    ``train_seed`` set to it (the same data; other initializations and patch orders);
+    ``out/seeds.csv`` and ``out/seeds.md`` then hold the mean and the spread over the
+    seeds of every row of ``results.csv``.
+    """
+    base = _resolve_preset(preset, kwargs.get("datasets"))
+    if not seeds:
+        raise ExperimentError("give at least one seed")
+    root = Path(out)
+    runs = [
+        reproduce(dataclasses.replace(base, train_seed=int(s)), root / f"seed-{s}", **kwargs)
+        for s in seeds
+    ]
+    rows = seed_means([r.rows for r in runs])
+    write_csv(rows, root / "seeds.csv")
+    text = seeds_markdown(rows, base.datasets)
+    (root / "seeds.md").write_text(
+        f"Preset `{base.name}`, training seeds {', '.join(str(s) for s in seeds)}: "
+        f"eval-mode Dice, mean over seeds (min-max)\n\n{text}"
+    )
+    return runs

@@ -28,10 +28,15 @@ from .presets import (
 )
 
 __all__ = [
+    "AS_TRAINED",
+    "RECALIBRATED",
     "global_stats_markdown",
     "global_stats_rows",
     "read_csv",
+    "recalibration_markdown",
     "result_rows",
+    "seed_means",
+    "seeds_markdown",
     "sweep_rows",
     "table_markdown",
     "tables_markdown",
@@ -40,12 +45,21 @@ __all__ = [
 ]
 
 
+AS_TRAINED = "as trained"
+RECALIBRATED = "recalibrated"
+
+
 def result_rows(results: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (cell, evaluated dataset) with every number, as written to CSV."""
+    """One row per (cell, evaluated dataset, statistics) with every number, as written to
+    CSV. ``statistics`` is ``as trained`` (the norms' moving averages) or
+    ``recalibrated`` (population statistics of the final network, BatchNorm/BatchRenorm
+    cells of presets that recalibrate)."""
     rows = []
     for res in results:
         cell = res["cell"]
-        for dataset, ev in res["evaluations"].items():
+        evaluations = [(AS_TRAINED, d, ev) for d, ev in res["evaluations"].items()]
+        evaluations += [(RECALIBRATED, d, ev) for d, ev in res.get("recalibrated", {}).items()]
+        for statistics, dataset, ev in evaluations:
             row: dict[str, Any] = {
                 "arch": cell["arch"],
                 "norm": cell["norm"],
@@ -53,6 +67,7 @@ def result_rows(results: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "feature_norm": "tilewise" if cell["norm"] == "instance" else "global",
                 "train_dataset": cell["dataset"],
                 "eval_dataset": dataset,
+                "statistics": statistics,
             }
             for key in ("dice_eval", "dice_train", "disparity"):
                 for cls, v in ev[key].items():
@@ -143,7 +158,12 @@ def _md(lines: Sequence[Sequence[str]]) -> str:
 
 
 def _find(
-    rows: Sequence[Mapping[str, Any]], arch: str, column: tuple[str, str], train: str, ev: str
+    rows: Sequence[Mapping[str, Any]],
+    arch: str,
+    column: tuple[str, str],
+    train: str,
+    ev: str,
+    statistics: str = AS_TRAINED,
 ) -> Mapping[str, Any] | None:
     for r in rows:
         if (
@@ -151,6 +171,7 @@ def _find(
             and (r["norm"], r["input_norm"]) == column
             and r["train_dataset"] == train
             and r["eval_dataset"] == ev
+            and r.get("statistics", AS_TRAINED) == statistics
         ):
             return r
     return None
@@ -189,6 +210,51 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], arch: str, datasets: Seque
     for j, d in enumerate(datasets):
         cells = [_indicator_text(_find(rows, arch, c, d, d)) for c in columns]
         lines.append(["mismatch indicator, max abs. diff." if j == 0 else "", d, "", *cells])
+    return _md(lines)
+
+
+def recalibration_markdown(
+    rows: Sequence[Mapping[str, Any]], arch: str, datasets: Sequence[str]
+) -> str:
+    """BatchNorm and BatchRenorm with their moving averages (as trained) and after
+    recalibration: eval-mode Dice per class and train/eval disparity."""
+    columns = [c for c in (TABLE1_NORMS if arch == "unet" else TABLE2_NORMS) if c[0] != "instance"]
+    columns = [
+        c for c in columns if any(_find(rows, arch, c, d, d, RECALIBRATED) for d in datasets)
+    ]
+    lines = [
+        ["", "", "", *(f"{NORM_LABEL[n]} ({INPUT_LABEL[i]} input)" for n, i in columns)],
+    ]
+
+    def pair(r0: Mapping[str, Any] | None, r1: Mapping[str, Any] | None, key: str) -> str:
+        return f"{_fmt((r0 or {}).get(key))} → {_fmt((r1 or {}).get(key))}"
+
+    for d in datasets:
+        for i, cls in enumerate(REPORTED_CLASSES[d]):
+            lead = [
+                "dice, eval mode" if d == datasets[0] and i == 0 else "",
+                d if i == 0 else "",
+                cls,
+            ]
+            cells = [
+                pair(
+                    _find(rows, arch, c, d, d),
+                    _find(rows, arch, c, d, d, RECALIBRATED),
+                    f"dice_eval_{cls}",
+                )
+                for c in columns
+            ]
+            lines.append([*lead, *cells])
+    for j, d in enumerate(datasets):
+        cells = [
+            pair(
+                _find(rows, arch, c, d, d),
+                _find(rows, arch, c, d, d, RECALIBRATED),
+                "disparity_mean",
+            )
+            for c in columns
+        ]
+        lines.append(["train/eval disparity" if j == 0 else "", d, "", *cells])
     return _md(lines)
 
 
@@ -292,6 +358,13 @@ def tables_markdown(
     ):
         if any(r["arch"] == arch for r in rows):
             parts += [f"### {title}", "", table_markdown(rows, arch, present), ""]
+        if any(r["arch"] == arch and r.get("statistics") == RECALIBRATED for r in rows):
+            parts += [
+                f"### {title}: moving averages (as trained) → recalibrated statistics",
+                "",
+                recalibration_markdown(rows, arch, present),
+                "",
+            ]
     if any(r["train_dataset"] != r["eval_dataset"] for r in rows):
         parts += ["### Transfer (supplementary Table 1), U-Net", "", transfer_markdown(rows), ""]
     if gs_rows:
@@ -299,6 +372,74 @@ def tables_markdown(
             "### InstanceNorm U-Net: tile statistics vs whole-image statistics",
             "",
             global_stats_markdown(gs_rows, present),
+            "",
+        ]
+    return "\n".join(parts)
+
+
+_SEED_KEYS = ("arch", "norm", "input_norm", "train_dataset", "eval_dataset", "statistics")
+
+
+def seed_means(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of several runs of the same grid (one per training seed), merged: every
+    number becomes its mean over the runs, with ``<name>_min`` and ``<name>_max``."""
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for rows in runs:
+        for r in rows:
+            key = tuple(r.get(k, AS_TRAINED if k == "statistics" else None) for k in _SEED_KEYS)
+            groups.setdefault(key, []).append(r)
+    merged = []
+    for key, rs in groups.items():
+        row: dict[str, Any] = dict(zip(_SEED_KEYS, key, strict=True)) | {"seeds": len(rs)}
+        numbers = sorted(
+            {k for r in rs for k, v in r.items() if k.startswith(("dice_", "disparity_"))}
+        )
+        for k in numbers:
+            vals = [float(r[k]) for r in rs if isinstance(r.get(k), int | float)]
+            if vals:
+                row[k] = float(np.mean(vals))
+                row[f"{k}_min"], row[f"{k}_max"] = min(vals), max(vals)
+        merged.append(row)
+    return merged
+
+
+def seeds_markdown(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str]) -> str:
+    """Per architecture: eval-mode Dice of each column and class, mean (min-max) over
+    seeds, and the train/eval disparity; recalibrated networks get their own columns."""
+    parts = []
+    for arch in ("unet", "unetr"):
+        mine = [r for r in rows if r["arch"] == arch and r["train_dataset"] == r["eval_dataset"]]
+        if not mine:
+            continue
+        columns = [
+            (c, stats)
+            for c in (TABLE1_NORMS if arch == "unet" else TABLE2_NORMS)
+            for stats in (AS_TRAINED, RECALIBRATED)
+            if any((r["norm"], r["input_norm"]) == c and r["statistics"] == stats for r in mine)
+        ]
+        head = [
+            f"{NORM_LABEL[n]} ({INPUT_LABEL[i]}){', recalibrated' if s == RECALIBRATED else ''}"
+            for (n, i), s in columns
+        ]
+        lines = [["", "", *head]]
+        present = [d for d in datasets if any(r["train_dataset"] == d for r in mine)]
+        for d in present:
+            for cls in (*REPORTED_CLASSES[d], "disparity"):
+                key = "disparity_mean" if cls == "disparity" else f"dice_eval_{cls}"
+                cells = []
+                for c, stats in columns:
+                    r = _find(mine, arch, c, d, d, stats) or {}
+                    v = r.get(key)
+                    cells.append(
+                        ""
+                        if v is None
+                        else f"{v:.2f} ({r[key + '_min']:.2f}-{r[key + '_max']:.2f})"
+                    )
+                lines.append([d, cls, *cells])
+        parts += [
+            f"### {'Table 1: U-Net' if arch == 'unet' else 'Table 2: UNETR'}",
+            "",
+            _md(lines),
             "",
         ]
     return "\n".join(parts)
