@@ -131,7 +131,6 @@ class _Measured:
     seam: np.ndarray
     seam_info: dict[str, Any]
     mismatch: TileMismatch
-    frozen: bool
     disparity: DisparityResult
     dice: dict[str, list[float | None]] | None
     global_info: dict[str, Any] | None
@@ -396,8 +395,7 @@ def _measure(
     with steps.step(4):
         mismatch = bench.mismatch(grid, mismatch_window, mismatch_stride)
     with steps.step(5):
-        frozen = mode_frozen(bench.module)
-        disparity = measure_disparity(bench, grid, tiled, frozen)
+        disparity = measure_disparity(bench, grid, tiled, mode_frozen(bench.module))
         dice = label_dice(bench, masks, whole, tiled, disparity.train)
     with steps.step(6):
         global_info = (
@@ -433,7 +431,6 @@ def _measure(
         seam,
         seam_info,
         mismatch,
-        frozen,
         disparity,
         dice,
         global_info,
