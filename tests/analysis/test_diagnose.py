@@ -1,82 +1,47 @@
+"""``diagnose`` end to end: seams, train/eval disparity, labels, geometry, the model unchanged."""
+
 from __future__ import annotations
 
-import copy
-import importlib
 import io
 import json
-import re
-import shutil
-import subprocess
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diagnosis_cases import (
+    ALIGN,
+    HALO,
+    bn_with_bad_statistics,
+    identity_net,
+    noisy_image,
+    run_diagnosis,
+)
 from typer.testing import CliRunner
 
 from conftest import make_unet
-from nahtlos.analysis.diagnose import diagnose, normalization_layers
+from nahtlos.analysis.diagnose import diagnose, mode_frozen
 from nahtlos.analysis.metrics import binarize, dice_per_channel
-from nahtlos.analysis.report import ReportValidationError, validate_report
+from nahtlos.analysis.report import validate_report
 from nahtlos.cli import app
 from nahtlos.engine.predict import predict_blockwise, predict_whole
 from nahtlos.errors import BlockShapeError, NahtlosWarning, ShapeMismatchError
 from nahtlos.nets.checkpoint import save_torchscript
 
-# the module, not the function of the same name that nahtlos re-exports
-diagnose_module = importlib.import_module("nahtlos.analysis.diagnose")
-
-HALO, ALIGN = 12, 4  # covers the TRF of the 2-level test UNets (kernel 3)
-
-
-def _image(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    img = rng.random(shape, dtype=np.float32)
-    img[..., : shape[-1] // 3] *= 4  # heterogeneous: tiles differ in statistics
-    return img
-
-
-def _bn_with_bad_statistics(seed=3):
-    net = make_unet(2, 2, norm="batch", seed=seed)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.fill_(3.0)
-            m.running_var.fill_(0.05)
-    return net
-
-
-def _identity_net():
-    net = make_unet(2, 2, norm="batch")
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.BatchNorm2d):
-                setattr(module, name, torch.nn.Identity())
-    return net
-
-
-def _run(model, image, **kw):
-    kw.setdefault("halo", HALO)
-    kw.setdefault("alignment", ALIGN)
-    kw.setdefault("progress", False)
-    kw.setdefault("make_figures", False)
-    kw.setdefault("receptive_field", False)  # measured where a test needs it
-    return diagnose(model, image, **kw)
-
 
 @pytest.fixture(scope="module")
 def image():
-    return _image((64, 64))
+    return noisy_image((64, 64))
 
 
 @pytest.fixture(scope="module")
 def bn_report(image):
-    return _run(make_unet(2, 2, norm="batch"), image)
+    return run_diagnosis(make_unet(2, 2, norm="batch"), image)
 
 
 @pytest.fixture(scope="module")
 def in_report(image):
-    return _run(make_unet(2, 2, norm="instance"), image, receptive_field=True)
+    return run_diagnosis(make_unet(2, 2, norm="instance"), image, receptive_field=True)
 
 
 def test_batchnorm_eval_is_seamless(bn_report, image):
@@ -116,7 +81,7 @@ def test_instancenorm_is_tile_dependent(in_report):
 
 
 def test_disparity_of_unrepresentative_running_statistics(image):
-    rep = _run(_bn_with_bad_statistics(), image)
+    rep = run_diagnosis(bn_with_bad_statistics(), image)
     ted = rep.train_eval_disparity
     assert max(ted.per_channel) > 0.05
     assert ted.mean == pytest.approx(np.mean(ted.per_channel))
@@ -131,7 +96,7 @@ def test_disparity_of_unrepresentative_running_statistics(image):
 
 @pytest.mark.parametrize("net", ["instance", "identity"])
 def test_no_disparity_without_running_statistics(image, in_report, net):
-    rep = in_report if net == "instance" else _run(_identity_net(), image)
+    rep = in_report if net == "instance" else run_diagnosis(identity_net(), image)
     assert rep.train_eval_disparity.per_channel == [0.0, 0.0]
     assert rep.train_eval_disparity.mean == 0.0 and rep.verdict.disparity == "none"
     if net == "identity":
@@ -147,12 +112,12 @@ def _snapshot(model):
 
 
 def test_model_is_left_bit_identical(image):
-    net = _bn_with_bad_statistics()
+    net = bn_with_bad_statistics()
     model = torch.nn.Sequential(net, torch.nn.Dropout(0.3))
     model.train()
     model[0].model[0].eval()  # a submodule in another mode than its parent
     before_state, before_modes = _snapshot(model)
-    _run(model, image)
+    run_diagnosis(model, image)
     after_state, after_modes = _snapshot(model)
     assert before_modes == after_modes
     assert before_state.keys() == after_state.keys()
@@ -161,10 +126,10 @@ def test_model_is_left_bit_identical(image):
 
 
 def test_labels_give_dice_in_eval_train_and_whole(image):
-    net = _bn_with_bad_statistics()
+    net = bn_with_bad_statistics()
     whole = predict_whole(net, image, HALO, ALIGN, output_transform=torch.sigmoid)
     labels = binarize(whole).astype(np.uint8)  # the eval-mode masks as ground truth
-    rep = _run(net, image, labels=labels)
+    rep = run_diagnosis(net, image, labels=labels)
     d = rep.dice
     assert d is not None
     expected_whole = [1.0 if labels[c].any() else None for c in range(2)]
@@ -175,7 +140,7 @@ def test_labels_give_dice_in_eval_train_and_whole(image):
     assert all(p.dice == expected_whole for p in rep.sweep)
     # a class per pixel is one-hot encoded over the output channels
     classes = labels[1].astype(np.int64)  # class 1 where channel 1 is on, else class 0
-    rep2 = _run(net, image, labels=classes)
+    rep2 = run_diagnosis(net, image, labels=classes)
     pred = binarize(whole)
     onehot = np.stack([classes == 0, classes == 1])
     assert rep2.dice is not None
@@ -194,19 +159,19 @@ def test_halo_and_alignment_come_from_the_receptive_field(image):
 
 
 def test_traced_models_cannot_show_disparity_scripted_ones_can(image):
-    net = _bn_with_bad_statistics()
+    net = bn_with_bad_statistics()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(net, torch.zeros(1, 1, 32, 32))
         scripted = torch.jit.script(net)
-    assert diagnose_module.mode_frozen(traced) and not diagnose_module.mode_frozen(scripted)
-    assert not diagnose_module.mode_frozen(net)
-    rep = _run(traced, image, make_figures=True)
+    assert mode_frozen(traced) and not mode_frozen(scripted)
+    assert not mode_frozen(net)
+    rep = run_diagnosis(traced, image, make_figures=True)
     assert rep.verdict.disparity == "not measurable" and "train_eval" not in rep.figures
     assert any("torch.jit.trace" in f for f in rep.verdict.findings)
     assert rep.to_dict()["train_eval_disparity"]["measurable"] is False
     validate_report(rep.to_dict())
-    rep = _run(scripted, image)
+    rep = run_diagnosis(scripted, image)
     assert rep.verdict.disparity == "substantial"
     assert max(rep.train_eval_disparity.per_channel) > 0.05
 
@@ -214,31 +179,20 @@ def test_traced_models_cannot_show_disparity_scripted_ones_can(image):
 def test_bad_inputs_name_the_problem(image):
     net = make_unet(2, 2, norm="batch")
     with pytest.raises(ShapeMismatchError, match=r"\(32, 32\)"):
-        _run(net, image, labels=np.zeros((32, 32)))
+        run_diagnosis(net, image, labels=np.zeros((32, 32)))
     with pytest.raises(BlockShapeError, match="halo"):
         diagnose(net, image, alignment=4, receptive_field=False, progress=False)
     with pytest.raises(ShapeMismatchError, match="3 channel names"):
-        _run(net, image, channel_names=["a", "b", "c"])
+        run_diagnosis(net, image, channel_names=["a", "b", "c"])
 
 
 def test_large_images_are_diagnosed_on_a_central_region():
-    img = _image((64, 96))
+    img = noisy_image((64, 96))
     with pytest.warns(NahtlosWarning, match="central region"):
-        rep = _run(make_unet(2, 2, norm="batch"), img, max_voxels=48 * 72)
+        rep = run_diagnosis(make_unet(2, 2, norm="batch"), img, max_voxels=48 * 72)
     (y0, y1), (x0, x1) = rep.image["region"]
     assert (y1 - y0, x1 - x0) == (48, 72) and (y0, x0) == (8, 12)
     assert rep.seamless
-
-
-def test_normalization_layers_of_scripted_models():
-    net = make_unet(2, 2, norm="instance")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.trace(net, torch.zeros(1, 1, 32, 32))
-    for model in (net, scripted):
-        (layers,) = normalization_layers(model)
-        assert layers["type"] == "InstanceNorm2d" and layers["count"] == 4
-        assert "tile-wise" in layers["statistics"]
 
 
 def test_global_statistics_compared_for_instance_norm(in_report, image):
@@ -250,144 +204,21 @@ def test_global_statistics_compared_for_instance_norm(in_report, image):
     assert any("--norm-stats global" in a and "seamless" in a for a in in_report.verdict.actions)
     validate_report(in_report.to_dict())
     # nothing to freeze in a BatchNorm model, and TorchScript cannot be measured layer-wise
-    assert _run(make_unet(2, 2, norm="batch"), image, tile_sizes=[64]).global_statistics is None
+    assert (
+        run_diagnosis(make_unet(2, 2, norm="batch"), image, tile_sizes=[64]).global_statistics
+        is None
+    )
     scripted = torch.jit.script(make_unet(2, 2, norm="instance"))
-    rep = _run(scripted, image, tile_sizes=[64])
+    rep = run_diagnosis(scripted, image, tile_sizes=[64])
     assert rep.global_statistics is None
     assert any("TorchScript" in a for a in rep.verdict.actions)
-
-
-# --------------------------------------------------------------------------- report files
-
-
-@pytest.fixture(scope="module")
-def written(tmp_path_factory, image):
-    """A full report with figures, for a model whose eval and train modes differ."""
-    out = tmp_path_factory.mktemp("report") / "diagnosis"
-    net = _bn_with_bad_statistics()
-    labels = binarize(predict_whole(net, image, HALO, ALIGN, output_transform=torch.sigmoid))
-    rep = _run(
-        net,
-        image,
-        labels=labels,
-        make_figures=True,
-        receptive_field=True,
-        channel_names=["cells", "edges"],
-    )
-    paths = rep.write(out)
-    return rep, out, paths
-
-
-def test_report_files_validate_and_put_the_verdict_first(written):
-    rep, out, _ = written
-    for name in ("report.json", "report.md", "report.html"):
-        assert (out / name).is_file()
-    data = json.loads((out / "report.json").read_text())
-    validate_report(data)
-    assert set(data["figures"]) >= {"seam_map", "train_eval", "tile_sweep"}
-    if data["receptive_field"] is not None:
-        assert "receptive_field" in data["figures"]
-    for rel in data["figures"].values():
-        assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data["tile_mismatch"]["seamless"] is True
-    assert data["train_eval_disparity"]["mean"] == pytest.approx(rep.train_eval_disparity.mean)
-    assert set(data["dice"]) == {"eval", "train", "whole"}
-    assert data["model"]["channel_names"] == ["cells", "edges"]
-    md = (out / "report.md").read_text()
-    assert md.index("## Verdict") < md.index("## Key numbers") < md.index("## Seam map")
-    assert rep.verdict.headline in md
-    for rel in data["figures"].values():
-        assert f"]({rel})" in md
-    page = (out / "report.html").read_text()
-    assert page.index("Verdict") < page.index("Key numbers")
-    srcs = re.findall(r'<img[^>]*src="([^"]+)"', page)
-    assert len(srcs) == len(data["figures"]) and all(
-        s.startswith("data:image/png;base64,") for s in srcs
-    )
-    assert "http://" not in page and "https://" not in page  # self-contained
-    with pytest.raises(FileExistsError, match="already holds a report"):
-        rep.write(out)
-
-
-def test_schema_rejects_broken_reports(written):
-    _, out, _ = written
-    good = json.loads((out / "report.json").read_text())
-    breakages = [
-        lambda d: d["tile_mismatch"].pop("indicator"),
-        lambda d: d["tile_mismatch"].__setitem__("indicator", "no"),
-        lambda d: d["train_eval_disparity"].__setitem__("per_channel", [1.5, 0.0]),
-        lambda d: d["verdict"].__setitem__("actions", []),
-        lambda d: d.pop("receptive_field"),
-        lambda d: d.__setitem__("unexpected", 1),
-    ]
-    for breakage in breakages:
-        bad = copy.deepcopy(good)
-        breakage(bad)
-        with pytest.raises(ReportValidationError):
-            validate_report(bad)
-
-
-def _chromium(*args: str, tmp: Path, timeout: int = 90) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe is not None
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp / 'chromium-profile'}",
-    ]
-    # its own session: chromium's helpers must not signal the test process's group
-    return subprocess.run(
-        [exe, *flags, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        start_new_session=True,
-    )
-
-
-@pytest.mark.skipif(
-    shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
-    reason="chromium is not installed (apt-get install chromium); .ci/run installs it",
-)
-def test_html_report_renders_in_a_browser_with_every_image(written, tmp_path):
-    from matplotlib.image import imread
-
-    _, out, _ = written
-    n_figures = len(json.loads((out / "report.json").read_text())["figures"])
-    url = (out / "report.html").resolve().as_uri()
-    dom = _chromium("--virtual-time-budget=10000", "--dump-dom", url, tmp=tmp_path)
-    marker = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom.stdout)
-    assert marker, f"the page did not finish loading: {dom.stderr[-2000:]}"
-    assert marker.group(1) == marker.group(2) == str(n_figures)
-    shot = tmp_path / "report.png"
-    _chromium(
-        "--hide-scrollbars",
-        "--window-size=1280,2000",
-        f"--screenshot={shot}",
-        url,
-        tmp=tmp_path,
-    )
-    pixels = imread(shot)[..., :3]
-    assert pixels.shape[:2] == (2000, 1280)
-    gray = pixels.mean(axis=2)
-    assert (gray < 0.9).mean() > 0.05, "the screenshot is (nearly) blank"
-    colourful = np.abs(pixels - gray[..., None]).max(axis=2) > 0.15
-    assert colourful.mean() > 0.01, "no coloured figure is visible"
 
 
 def test_figures_of_a_3d_image_show_central_slices():
     from matplotlib.image import imread
 
-    img = _image((32, 32, 80))
-    rep = _run(make_unet(3, 2, norm="batch"), img, make_figures=True)
+    img = noisy_image((32, 32, 80))
+    rep = run_diagnosis(make_unet(3, 2, norm="batch"), img, make_figures=True)
     assert rep.seamless
     assert rep.settings["tile"] == [16, 16, 40]
     assert {"seam_map", "train_eval", "tile_sweep"} <= set(rep.figures)
@@ -413,7 +244,7 @@ def test_cli_applies_the_models_metadata(tmp_path):
     model_path = save_torchscript(
         net, tmp_path / "model.pt", example=torch.zeros(1, 1, 32, 32), metadata=meta
     )
-    raw = (_image((64, 64)) * 1000 + 200).astype(np.uint16)
+    raw = (noisy_image((64, 64)) * 1000 + 200).astype(np.uint16)
     np.save(tmp_path / "image.npy", raw)
     out = tmp_path / "report"
     runner = CliRunner()
@@ -448,9 +279,9 @@ def test_instance_labels_are_converted_like_in_training(image):
     instances[20:40, 10:30] = 2  # touching object: a shared border
     instances[45:60, 40:60] = 7
     semantic = instances_to_semantic(instances)
-    as_instances = _run(net, image, labels=instances, label_kind="instances")
-    as_masks = _run(net, image, labels=semantic)
+    as_instances = run_diagnosis(net, image, labels=instances, label_kind="instances")
+    as_masks = run_diagnosis(net, image, labels=semantic)
     assert as_instances.dice is not None and as_masks.dice is not None
     assert as_instances.dice == as_masks.dice
     with pytest.raises(ValueError, match="label_kind"):
-        _run(net, image, labels=instances, label_kind="objects")
+        run_diagnosis(net, image, labels=instances, label_kind="objects")

@@ -44,9 +44,11 @@ __all__ = [
     "TileMismatch",
     "TrainEvalDisparity",
     "binarize",
+    "can_split",
     "dice",
     "dice_per_channel",
     "mask_agreement",
+    "mean_of",
     "tile_mismatch",
     "train_eval_disparity",
 ]
@@ -93,6 +95,13 @@ def dice_per_channel(
         else:
             scores.append(dice(p, t))
     return scores
+
+
+def mean_of(values: Sequence[float | None] | None) -> float | None:
+    """Mean of the scores that are not ``None`` (Dice of empty label channels); ``None``
+    if there are none."""
+    vals = [v for v in values or [] if v is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def mask_agreement(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> list[float]:
@@ -182,6 +191,46 @@ def _split_geometry(w: int, h: int, a: int, overlap: int | None = None) -> tuple
     return length, w - length + h, length - h
 
 
+def can_split(w: int, h: int, a: int, overlap: int | None = None) -> bool:
+    """Whether :func:`tile_mismatch` can split a window of length ``w`` along its split
+    axis (halo ``h``, alignment ``a``): ``w`` is a multiple of ``a`` and the two
+    sub-tiles keep a valid overlap once a halo is cut from their borders."""
+    length, valid_lo, valid_hi = _split_geometry(w, h, a, overlap)
+    return w % a == 0 and length < w and valid_hi > valid_lo
+
+
+def _check_window(
+    win: tuple[int, ...],
+    halo: tuple[int, ...],
+    align: tuple[int, ...],
+    spatial: tuple[int, ...],
+    axis: int,
+    overlap: int | None,
+) -> None:
+    """Raise :class:`BlockShapeError` unless ``win`` fits the image and can be split."""
+    names = axis_names(len(spatial))
+    for name, w, n in zip(names, win, spatial, strict=True):
+        if w > n:
+            raise BlockShapeError(
+                f"tile-mismatch window {win} does not fit in the image of shape {spatial} "
+                f"along axis {name} ({w} > {n}); use a smaller window"
+            )
+    w_ax, h_ax, a_ax = win[axis], halo[axis], align[axis]
+    if w_ax % a_ax:
+        raise BlockShapeError(
+            f"tile-mismatch window {w_ax} along axis {names[axis]} is not a multiple of the alignment {a_ax}"
+        )
+    others_ok = all(w > 2 * h for i, (w, h) in enumerate(zip(win, halo, strict=True)) if i != axis)
+    if not can_split(w_ax, h_ax, a_ax, overlap) or not others_ok:
+        v = overlap if overlap is not None else _default_overlap(w_ax, a_ax)
+        length = _split_geometry(w_ax, h_ax, a_ax, v)[0]
+        raise BlockShapeError(
+            f"tile-mismatch window {win} is too small for halo {halo}: the two sub-tiles of "
+            f"length {length} along axis {names[axis]} leave no valid overlap; use a window of at "
+            f"least {round_up(4 * h_ax + 2 * a_ax + v, a_ax)} along {names[axis]}"
+        )
+
+
 def tile_mismatch(
     model: torch.nn.Module,
     image: ArrayLike,
@@ -237,34 +286,14 @@ def tile_mismatch(
     nd = resolve_ndim(image, window, ndim)
     channels = split_channels(image, nd)
     spatial = tuple(int(s) for s in image.shape[-nd:])
-    names = axis_names(nd)
     win = as_per_axis(window, nd, "window")
     halo_t = as_per_axis(halo, nd, "halo")
     align = as_per_axis(alignment, nd, "alignment")
     stride_t = as_per_axis(stride if stride is not None else win, nd, "stride")
     axis = split_axis % nd
-    for name, w, n in zip(names, win, spatial, strict=True):
-        if w > n:
-            raise BlockShapeError(
-                f"tile-mismatch window {win} does not fit in the image of shape {spatial} "
-                f"along axis {name} ({w} > {n}); use a smaller window"
-            )
-    w_ax, h_ax, a_ax = win[axis], halo_t[axis], align[axis]
-    v = overlap if overlap is not None else _default_overlap(w_ax, a_ax)
-    length, valid_lo, valid_hi = _split_geometry(w_ax, h_ax, a_ax, v)
-    if w_ax % a_ax:
-        raise BlockShapeError(
-            f"tile-mismatch window {w_ax} along axis {names[axis]} is not a multiple of the alignment {a_ax}"
-        )
-    others_ok = all(
-        w > 2 * h for i, (w, h) in enumerate(zip(win, halo_t, strict=True)) if i != axis
-    )
-    if length >= w_ax or valid_hi <= valid_lo or not others_ok:
-        raise BlockShapeError(
-            f"tile-mismatch window {win} is too small for halo {halo_t}: the two sub-tiles of "
-            f"length {length} along axis {names[axis]} leave no valid overlap; use a window of at "
-            f"least {round_up(4 * h_ax + 2 * a_ax + v, a_ax)} along {names[axis]}"
-        )
+    _check_window(win, halo_t, align, spatial, axis, overlap)
+    w_ax = win[axis]
+    length, valid_lo, valid_hi = _split_geometry(w_ax, halo_t[axis], align[axis], overlap)
     act = activation_function(activation)
     origins = _window_origins(spatial, win, stride_t)
     if max_windows is not None and len(origins) > max_windows:
@@ -325,19 +354,31 @@ def tile_mismatch(
 
 @dataclass
 class TrainEvalDisparity:
-    """Result of :func:`train_eval_disparity`: 1 − Dice(train, eval) per channel."""
+    """Result of :func:`train_eval_disparity`: 1 − Dice(train, eval) per channel.
 
-    per_channel: list[float]
+    ``per_channel`` is ``None`` when the disparity cannot be measured (a model traced
+    with ``torch.jit.trace``, whose normalization ignores train/eval mode); ``mean``
+    is then ``None`` too.
+    """
+
+    per_channel: list[float] | None
     train_prediction: np.ndarray | None = None
     eval_prediction: np.ndarray | None = None
 
     @property
-    def mean(self) -> float:
-        """Mean over channels."""
+    def measurable(self) -> bool:
+        """Whether the disparity was measured."""
+        return self.per_channel is not None
+
+    @property
+    def mean(self) -> float | None:
+        """Mean over channels (``None`` when not measurable)."""
+        if self.per_channel is None:
+            return None
         return float(np.mean(self.per_channel)) if self.per_channel else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary."""
+        """JSON-able summary (``None`` where not measurable)."""
         return {"per_channel": self.per_channel, "mean": self.mean}
 
 
