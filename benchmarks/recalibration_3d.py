@@ -8,7 +8,7 @@ embryo --shape 128,384,384 --seed 1``, as in ``make pretrained``):
 * ``ema``: as trained (the moving averages);
 * ``layerwise``, ``pooled``, ``precise``: over N random training-size patches;
 * ``whole``: pooled over non-overlapping tiles covering the training volume (whole-volume
-  statistics).
+  statistics); ``whole, layerwise``: the same tiles, per-tile statistics averaged.
 
 Each is evaluated like ``make demo``: eval-mode Dice per class on the central 64x256x256
 voxels of the demo volume (seed 0, 128x512x1024; input percentiles of the whole volume),
@@ -102,15 +102,15 @@ def main() -> None:
             ("pooled", patches),
             ("precise", patches),
             ("whole", tiles),
+            ("whole, layerwise", tiles),
         ):
-            if method == "whole" and seed != args.seeds.split(",")[0]:
+            if method.startswith("whole") and seed != args.seeds.split(",")[0]:
                 continue  # the same tiles for every seed
             model = copy.deepcopy(loaded.module)
             t0 = time.perf_counter()
             batch = 2 if method == "precise" else 4  # precise: the training batch
-            population_statistics(
-                model, source, "pooled" if method == "whole" else method, batch_size=batch
-            )
+            how = {"whole": "pooled", "whole, layerwise": "layerwise"}.get(method, method)
+            population_statistics(model, source, how, batch_size=batch)
             seconds = time.perf_counter() - t0
             rows.append((method, seed, _dice(model, loaded, x, truth), seconds))
             print(rows[-1], flush=True)
