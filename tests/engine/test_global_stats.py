@@ -269,3 +269,41 @@ def test_cli_norm_stats_errors(instance_checkpoint, tmp_path):
     )
     assert bad.exit_code == 2 and "TorchScript" in bad.output
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
+
+
+def test_cli_norm_stats_global_opens_a_tiff_input_once(instance_checkpoint, tmp_path, monkeypatch):
+    import tifffile
+
+    from nahtlos.io import open_image
+
+    ckpt, source, image = instance_checkpoint
+    tiff = tmp_path / "image.tif"
+    tifffile.imwrite(tiff, image)
+    opened: list[str] = []
+    init = tifffile.TiffFile.__init__
+
+    def counting(self, file, *args, **kwargs):
+        opened.append(str(file))
+        init(self, file, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffFile, "__init__", counting)
+    out = tmp_path / "global.zarr"
+    result = _predict_cli(
+        ckpt, tiff, out, "--block", "16,16", "--halo", "12", "--norm-stats", "global"
+    )
+    assert result.exit_code == 0, result.output
+    # input percentiles, whole-image statistics and prediction all read the one open file
+    assert opened == [str(tiff)]
+    npy = _predict_cli(
+        ckpt,
+        source,
+        tmp_path / "npy.zarr",
+        "--block",
+        "16,16",
+        "--halo",
+        "12",
+        "--norm-stats",
+        "global",
+    )
+    assert npy.exit_code == 0, npy.output
+    np.testing.assert_array_equal(open_image(out)[...], open_image(tmp_path / "npy.zarr")[...])

@@ -87,6 +87,11 @@ class PredictionReport:
     phases: dict[str, float] = field(default_factory=dict)
     stats: PredictionStats = field(default_factory=PredictionStats)
 
+    def summary(self) -> str:
+        """One line for the user: what was written, and how many blocks it took."""
+        done = f", {self.skipped} of {self.blocks} blocks already done" if self.skipped else ""
+        return f"wrote {self.output} ({self.predicted} blocks predicted{done})"
+
 
 def predict_file(
     model: ModelLike,
