@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..axes import as_per_axis, axis_names
 from ..errors import ShapeMismatchError
-from .geometry import Block, BlockGrid
+from .geometry import Block, BlockGrid, window_slices
 
 __all__ = [
     "ArrayLike",
@@ -180,15 +180,11 @@ def read_window(
     (:func:`read_region`), so the padding stays zero whatever the input transform, as
     in :func:`predict_whole`.
     """
-    spatial = image.shape[len(image.shape) - len(shape) :]
-    source, target = [], []
-    for a, w, n in zip(start, shape, spatial, strict=True):
-        lo, hi = max(a, 0), min(a + w, int(n))
-        if hi <= lo:  # the window lies wholly in the padding
-            return np.zeros((int(image.shape[0]) if channels else 1, *shape), np.float32)
-        source.append(slice(lo, hi))
-        target.append(slice(lo - a, hi - a))
-    region = read_region(image, tuple(source), channels, transform)
+    spatial = tuple(int(n) for n in image.shape[len(image.shape) - len(shape) :])
+    source, target = window_slices(start, shape, spatial)
+    if any(s.stop <= s.start for s in source):  # the window lies wholly in the padding
+        return np.zeros((int(image.shape[0]) if channels else 1, *shape), np.float32)
+    region = read_region(image, source, channels, transform)
     window = np.zeros((region.shape[0], *shape), dtype=np.float32)
     key = (slice(None), *target)
     window[key] = region

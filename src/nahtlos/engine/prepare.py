@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -37,9 +37,18 @@ from .global_stats import (
 from .inputs import channel_axis, channels_in
 from .predict import resolve_device
 
-__all__ = ["PreparedPrediction", "prepare_prediction"]
+__all__ = ["Geometry", "PreparedPrediction", "prepare_prediction"]
 
 Ints = int | tuple[int, ...]
+
+
+class Geometry(TypedDict):
+    """A block plan, as the keyword arguments of the functions that take one."""
+
+    block: Ints
+    halo: Ints
+    alignment: Ints
+    ndim: int
 
 
 def _quiet(message: str) -> None:
@@ -75,6 +84,16 @@ class PreparedPrediction:
     normalization: InputNormalization | None
     channel_names: Sequence[str] | None
 
+    @property
+    def geometry(self) -> Geometry:
+        """The block plan as keyword arguments (``block``, ``halo``, ``alignment``, ``ndim``)."""
+        return {
+            "block": self.block,
+            "halo": self.halo,
+            "alignment": self.alignment,
+            "ndim": self.ndim,
+        }
+
     def predict_file(
         self, source: ImageSource, output: str | os.PathLike[str], **options: Any
     ) -> PredictionReport:
@@ -87,10 +106,7 @@ class PreparedPrediction:
             self.model,
             source,
             output,
-            self.block,
-            self.halo,
-            self.alignment,
-            ndim=self.ndim,
+            **self.geometry,
             auto=self.auto,
             activation=self.activation,
             normalization=self.normalization,
@@ -295,10 +311,7 @@ def _with_global_stats(
     model, stats, reused = global_stats_model(
         loaded.module,
         view.array,
-        block=prepared.block,
-        halo=prepared.halo,
-        alignment=prepared.alignment,
-        ndim=prepared.ndim,
+        **prepared.geometry,
         fraction=fraction,
         cache=cache,
         image_id={
