@@ -200,3 +200,34 @@ def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     assert "predict" in result.output and "demo" in result.output
+
+
+@pytest.mark.parametrize("kind", ["tif", "tif-compressed"])
+def test_predict_opens_a_tiff_input_once(kind, tmp_path, image, monkeypatch):
+    # a model whose metadata asks for global input percentiles: they are fitted on the
+    # input too, and the output is checked against the normalized whole-image prediction
+    net = make_unet(3, 2)
+    path = tmp_path / "unet.pt"
+    norm = {"mode": "global", "low": 1.0, "high": 99.8, "clip": False, "values": None}
+    meta = {"ndim": 3, "halo": [12, 12, 12], "alignment": [4, 4, 4], "input_normalization": norm}
+    save_torchscript(net, path, example=torch.zeros(1, 1, 16, 16, 16), metadata=meta)
+    source = _write_input(kind, tmp_path, image)
+    opened: list[str] = []
+    init = tifffile.TiffFile.__init__
+
+    def counting(self, file, *args, **kwargs):
+        opened.append(str(file))
+        init(self, file, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffFile, "__init__", counting)
+    out = tmp_path / "pred.zarr"
+    args = [str(path), source, str(out), "--block", "8,12,12", "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, ["predict", *args])
+    assert result.exit_code == 0, result.output
+    assert opened == [source]
+    from nahtlos.io import InputNormalization
+
+    fitted = InputNormalization.from_dict(norm)
+    fitted.fit(image)
+    expected = predict_whole(net, image, 12, 4, input_transform=fitted)
+    np.testing.assert_allclose(open_image(out)[...], expected, atol=1e-4)

@@ -158,9 +158,7 @@ def test_dask_local_cluster_equals_in_process(client, model_file, volume, tmp_pa
     # each worker process loaded the TorchScript file at most once, for all its tasks
     loads = client.run(
         lambda: (
-            __import__("nahtlos.engine.distributed")
-            .engine.distributed._model_from_file.cache_info()
-            .misses
+            __import__("nahtlos.engine.cluster").engine.cluster._model_from_file.cache_info().misses
         )
     )
     assert len(loads) == 2 and all(n <= 1 for n in loads.values()) and sum(loads.values()) >= 1

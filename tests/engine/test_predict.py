@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from conftest import make_unet
 from nahtlos import predict_blockwise, predict_whole
-from nahtlos.engine.predict import PredictionStats
+from nahtlos.engine.geometry import BlockGrid
+from nahtlos.engine.predict import PredictionStats, predict_grid, read_window
 from nahtlos.errors import ShapeMismatchError
 from nahtlos.testing import assert_blockwise_equal
 
@@ -186,3 +187,31 @@ def test_only_requested_blocks_are_written(rng):
     assert done == [first]
     assert (out[(slice(None), *first.inner)] != -7.0).all()
     assert (out[:, 16:, :] == -7.0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_read_window_transforms_the_image_and_pads_with_zeros(data):
+    shape = data.draw(st.tuples(st.integers(1, 9), st.integers(1, 9)))
+    window = data.draw(st.tuples(st.integers(1, 12), st.integers(1, 12)))
+    start = tuple(data.draw(st.integers(-w - 2, n + 2)) for w, n in zip(window, shape, strict=True))
+    channels = data.draw(st.booleans())
+    image = np.arange(2 * np.prod(shape), dtype=np.float32).reshape(2, *shape) + 1
+    image = image if channels else image[0]
+    got = read_window(image, start, window, channels, lambda r: r * 2)
+    # the reference: the whole image transformed, then zero-padded and cut
+    pad = max(window) + 3
+    full = np.pad(2 * (image if channels else image[None]), [(0, 0), (pad, pad), (pad, pad)])
+    key = (slice(None), *(slice(a + pad, a + pad + w) for a, w in zip(start, window, strict=True)))
+    np.testing.assert_array_equal(got, full[key])
+
+
+def test_predict_grid_is_predict_blockwise_over_the_grid(rng):
+    net = make_unet(2, 2, in_channels=2, seed=1)
+    image = rng.random((2, 40, 30), dtype=np.float32)
+    grid = BlockGrid(image.shape[1:], (16, 12), 12, 4)
+    got = predict_grid(net, image, grid, batch_size=2, progress=False)
+    expected = predict_blockwise(net, image, (16, 12), 12, 4, ndim=2, batch_size=2, progress=False)
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ShapeMismatchError, match="does not fit the block grid"):
+        predict_grid(net, image[:, :20], grid, progress=False)

@@ -31,11 +31,10 @@ from tqdm.auto import tqdm
 from ..axes import as_per_axis, axis_names, round_up
 from ..engine.predict import (
     ArrayLike,
-    model_device_dtype,
+    image_layout,
+    place_model,
     predict_blockwise,
-    resolve_device,
-    resolve_ndim,
-    split_channels,
+    read_region,
 )
 from ..errors import BlockShapeError, ShapeMismatchError
 from ..nets.state import Activation, activation_function, measuring_mode
@@ -283,9 +282,7 @@ def tile_mismatch(
     BlockShapeError
         If the window does not fit in the image or is too small for the halo.
     """
-    nd = resolve_ndim(image, window, ndim)
-    channels = split_channels(image, nd)
-    spatial = tuple(int(s) for s in image.shape[-nd:])
+    nd, channels, spatial = image_layout(image, ndim, window)
     win = as_per_axis(window, nd, "window")
     halo_t = as_per_axis(halo, nd, "halo")
     align = as_per_axis(alignment, nd, "alignment")
@@ -303,19 +300,12 @@ def tile_mismatch(
     def read(origin: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
         sl = [slice(o, o + w) for o, w in zip(origin, win, strict=True)]
         sl[axis] = slice(origin[axis] + lo, origin[axis] + hi)
-        key = (slice(None), *sl) if channels else tuple(sl)
-        region = np.asarray(image[key], dtype=np.float32)
-        region = region if channels else region[None]
-        if input_transform is not None:
-            region = np.asarray(input_transform(region), dtype=np.float32)
-        return region
+        return read_region(image, tuple(sl), channels, input_transform)
 
     compare = [slice(h, w - h) for w, h in zip(win, halo_t, strict=True)]
     compare[axis] = slice(valid_lo, valid_hi)
     results: list[dict[str, Any]] = []
-    if device is not None:
-        model.to(resolve_device(device))
-    dev, dtype = model_device_dtype(model)
+    dev, dtype = place_model(model, device)
     with measuring_mode(model, train=False), torch.inference_mode():
         for origin in tqdm(
             origins, desc="tile mismatch", unit="window", disable=not progress, leave=False

@@ -2,6 +2,15 @@
 geometry, and exact whole-image statistics for tile-dependent networks.
 
 Nothing outside this package knows how blocks are scheduled.
+
+- :mod:`~nahtlos.engine.geometry`: the block grid (pure, no torch);
+- :mod:`~nahtlos.engine.predict`: any module over an array-like, block by block;
+- :mod:`~nahtlos.engine.global_stats`: whole-image norm statistics, streamed;
+- :mod:`~nahtlos.engine.autoblock`: block and halo from memory and receptive field;
+- :mod:`~nahtlos.engine.inputs`: how a file is read for a block plan;
+- :mod:`~nahtlos.engine.cluster`: the batches of a plan, in process or on Dask;
+- :mod:`~nahtlos.engine.distributed`: :func:`predict_file`, a file into a file, resumably;
+- :mod:`~nahtlos.engine.prepare`: a model file's settings filled in, as ``nahtlos predict`` does.
 """
 
 from .autoblock import AutoGeometry, auto_geometry

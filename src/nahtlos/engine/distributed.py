@@ -1,46 +1,33 @@
-"""Block-wise prediction of image files, in this process or on a Dask cluster, resumably.
+"""Predicting an image file block by block into an output file, resumably.
 
-:func:`predict_file` runs one block plan (a :class:`~nahtlos.engine.geometry.BlockGrid`) from
-an input file to an output file:
-
-- in this process, through :func:`~nahtlos.engine.predict.predict_blockwise` (a bounded
-  number of windows in flight, so memory does not grow with the volume);
-- on Dask (``scheduler="local"`` starts a ``distributed.LocalCluster``, an address
-  such as ``"tcp://host:8786"`` joins a running one): one task per batch of blocks,
-  each reading its windows with their halo, predicting and writing its chunk-aligned
-  blocks. The model is loaded once per worker process (from its TorchScript file, or
-  scattered once when given as a module), never pickled per task.
-
-Both paths run the very same per-batch code, in the same batches, so their outputs
-are identical. ``.zarr`` outputs (:class:`~nahtlos.io.files.PredictionStore`) record each
-block after its data is written; an interrupted run continues with ``resume=True``
-and ends bit-identical to an uninterrupted one. Failed tasks are retried a bounded
-number of times, then reported with their block.
+:func:`predict_file` plans a run: it checks the settings, opens the input once, lays
+the block plan (a :class:`~nahtlos.engine.geometry.BlockGrid`) over it, fits global
+input percentiles once (cached in the output), and writes the blocks, in this process
+or on a Dask cluster (:mod:`nahtlos.engine.cluster`; both predict the same batches
+through the same code, so their outputs are identical). ``.zarr`` outputs
+(:class:`~nahtlos.io.store.PredictionStore`) record each block after its data is
+written and describe the run (its plan), so that an interrupted run continues with
+``resume=True`` and ends bit-identical to an uninterrupted one; ``.npy`` and ``.tif``
+outputs (:class:`~nahtlos.io.writers.PendingOutput`) appear only when complete.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import logging
-import math
 import os
-import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import BlockFailedError, FormatError, NahtlosWarning, SettingsError
+from ..errors import FormatError, NahtlosWarning, SettingsError
 from ..io import (
-    ChunkCache,
     ImageSource,
     InputNormalization,
     OutputDtype,
@@ -52,9 +39,10 @@ from ..io import (
     split_key,
 )
 from ..nets.checkpoint import LoadedModel, load_model
-from ..nets.state import activation_function
+from .cluster import Job, predict_job, predict_on_dask
 from .geometry import Block, BlockGrid
-from .predict import PredictionStats, predict_blockwise, resolve_device
+from .inputs import channel_axis, channels_in, infer_ndim, percentile_chunks, window_reader
+from .predict import PredictionStats, resolve_device
 
 __all__ = ["ACTIVATIONS", "PredictionReport", "predict_file"]
 
@@ -99,48 +87,10 @@ class PredictionReport:
     phases: dict[str, float] = field(default_factory=dict)
     stats: PredictionStats = field(default_factory=PredictionStats)
 
-
-@dataclass(frozen=True)
-class _Job:
-    """Everything a task needs, small and picklable (no arrays, no model)."""
-
-    input_path: str
-    input_key: str | None
-    level: int
-    ndim: int
-    input_stamp: tuple[int, int]
-    shape: tuple[int, ...]
-    block: tuple[int, ...]
-    halo: tuple[int, ...]
-    alignment: tuple[int, ...]
-    batch_size: int
-    device: str
-    activation: str
-    normalization: InputNormalization | None
-    output: str
-    run_id: str
-    torch_threads: int | None
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _module_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256(type(module).__qualname__.encode())
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return int(st.st_mtime_ns), int(st.st_size)
+    def summary(self) -> str:
+        """One line for the user: what was written, and how many blocks it took."""
+        done = f", {self.skipped} of {self.blocks} blocks already done" if self.skipped else ""
+        return f"wrote {self.output} ({self.predicted} blocks predicted{done})"
 
 
 def predict_file(
@@ -181,7 +131,7 @@ def predict_file(
         (in eval mode) mapping ``(N, C_in, *window)`` to ``(N, C_out, *window)``.
     image
         Input path (``.tif``, ``.npy``, ``.h5:dataset``, ``.zarr``, OME-Zarr), or an
-        :class:`~nahtlos.io.files.ImageSource` opened from a file.
+        :class:`~nahtlos.io.source.ImageSource` opened from a file.
     output
         ``.zarr`` (OME-Zarr 0.5, resumable, needed for Dask, labels and pyramid), or
         ``.npy``/``.tif`` (written to a temporary name and moved into place).
@@ -207,7 +157,7 @@ def predict_file(
         activation).
     segmentation, threshold, channel_names
         Optional label images in the OME-Zarr ``labels/`` group; see
-        :meth:`~nahtlos.io.files.PredictionStore.create`.
+        :meth:`~nahtlos.io.store.PredictionStore.create`.
     pyramid_levels
         Extra resolution levels of the OME-Zarr output (default: until it fits a block).
     scheduler
@@ -234,7 +184,85 @@ def predict_file(
     BlockFailedError
         If a Dask task failed on every try.
     """
-    t0 = time.perf_counter()
+    clock = _Clock()
+    out_path = _checked_output(
+        output, activation, output_dtype, segmentation, scheduler, workers, resume, overwrite
+    )
+    _check_batches(batch_size, max_windows)
+    loaded, module, model_id = _resolve_model(model)
+    source = image if isinstance(image, ImageSource) else _open(image, input_key, level)
+    if source.path is None:
+        raise FormatError("predict_file needs an image opened from a file (workers reopen it)")
+    ndim = ndim if ndim is not None else infer_ndim(block, loaded, source)
+    view = source.for_model(ndim)
+    grid = BlockGrid(view.shape[-ndim:], block, halo, alignment, auto=auto)
+    resolve_device(device)  # an unavailable device fails before anything is written
+    plan = _plan(
+        source,
+        view,
+        model_id,
+        grid,
+        batch_size=batch_size,
+        activation=activation,
+        output_dtype=output_dtype,
+        segmentation=segmentation,
+        threshold=float(threshold),
+        normalization=None if normalization is None else normalization.to_dict(),
+    )
+    store = _resumed_store(out_path, plan) if resume else None
+    if store is not None:
+        plan = store.plan  # keeps the cached percentiles
+        if store.complete:
+            total = len(grid)
+            return PredictionReport(out_path, total, total, 0, clock.elapsed(), "already complete")
+    clock.start_phases()
+    normalization = _fitted(normalization, plan, view, progress)
+    clock.phase("percentiles")
+    device_name = str(device or "auto")
+    job = _job(source, grid, out_path, normalization, batch_size, device_name, activation)
+    target = _Output(
+        out_path,
+        grid.block,
+        output_dtype,
+        segmentation,
+        threshold,
+        channel_names,
+        pyramid_levels,
+        overwrite,
+        _spatial_axes(view, ndim),
+        tuple(view.translation[-ndim:]),
+        plan,
+    )
+    batches, skipped = _todo(grid, batch_size, store)
+    run = _Run(job, target, clock, len(grid), skipped)
+    if scheduler is None:
+        reader = window_reader(source, ndim, grid.window_shape)
+        return run.in_process(module, reader.array, store, batches, max_windows, progress)
+    model_ref = module if loaded is None else (str(loaded.path.resolve()), model_id["sha256"])
+    return run.on_dask(
+        scheduler,
+        workers,
+        model_ref,
+        channels_in(view),
+        batches,
+        store,
+        max_windows,
+        retries,
+        progress,
+    )
+
+
+def _checked_output(
+    output: str | os.PathLike[str],
+    activation: str,
+    output_dtype: str,
+    segmentation: Segmentation | None,
+    scheduler: Any,
+    workers: int | None,
+    resume: bool,
+    overwrite: bool,
+) -> Path:
+    """The output path, once the settings are known to fit it and each other."""
     if resume and overwrite:
         raise SettingsError("--resume continues an output and --overwrite replaces it: choose one")
     out_path = check_output_path(output, overwrite, resume)
@@ -258,6 +286,10 @@ def predict_file(
         )
     if workers is not None and scheduler not in ("local",):
         raise SettingsError("--workers starts a local cluster: use it with --scheduler local")
+    return out_path
+
+
+def _check_batches(batch_size: int, max_windows: int | None) -> None:
     if batch_size < 1:
         raise SettingsError(f"batch_size must be at least 1, got {batch_size}")
     if max_windows is not None and max_windows < 3 * batch_size:
@@ -266,35 +298,86 @@ def predict_file(
             f"predicted, one being written); use at least {3 * batch_size}"
         )
 
+
+def _resolve_model(
+    model: ModelLike,
+) -> tuple[LoadedModel | None, torch.nn.Module, dict[str, str]]:
+    """The loaded model file (if any), the module, and what identifies it in the plan."""
     loaded = model if isinstance(model, LoadedModel) else None
-    module: torch.nn.Module
     if isinstance(model, str | os.PathLike):
         loaded = load_model(model, map_location="cpu")
     if loaded is not None:
-        module = loaded.module
-        model_id = {"file": str(loaded.path.resolve()), "sha256": _file_digest(loaded.path)}
-    else:
-        assert isinstance(model, torch.nn.Module)
-        module = model
-        model_id = {"module": type(model).__qualname__, "sha256": _module_digest(model)}
+        identity = {"file": str(loaded.path.resolve()), "sha256": _file_digest(loaded.path)}
+        return loaded, loaded.module, identity
+    assert isinstance(model, torch.nn.Module)
+    return None, model, {"module": type(model).__qualname__, "sha256": _module_digest(model)}
 
-    if isinstance(image, ImageSource):
-        source = image
-    else:
-        path, key = split_key(image, input_key)
-        source = open_source(path, key, level=level)
-    if source.path is None:
-        raise FormatError("predict_file needs an image opened from a file (workers reopen it)")
-    if ndim is None:
-        ndim = _infer_ndim(block, loaded, source)
-    view = source.for_model(ndim)
-    spatial_shape = view.shape[-ndim:]
-    grid = BlockGrid(spatial_shape, block, halo, alignment, auto=auto)
-    read_view = _window_reader(source, ndim, grid.window_shape)
-    channels_in = view.shape[0] if view.axes[0] == "c" else 1
-    dev = resolve_device(device)
 
-    plan: dict[str, Any] = {
+def _open(image: str | os.PathLike[str], key: str | None, level: int) -> ImageSource:
+    path, key = split_key(image, key)
+    return open_source(path, key, level=level)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _module_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return int(st.st_mtime_ns), int(st.st_size)
+
+
+def _job(
+    source: ImageSource,
+    grid: BlockGrid,
+    out_path: Path,
+    normalization: InputNormalization | None,
+    batch_size: int,
+    device: str,
+    activation: str,
+) -> Job:
+    """What predicting the blocks needs, for this process and for every Dask task."""
+    assert source.path is not None
+    return Job(
+        input_path=str(source.path.resolve()),
+        input_key=source.key,
+        level=source.level,
+        ndim=grid.ndim,
+        input_stamp=_stamp(source.path),
+        shape=grid.shape,
+        block=grid.block,
+        halo=grid.halo,
+        alignment=grid.alignment,
+        batch_size=batch_size,
+        device=device,
+        activation=activation,
+        normalization=normalization,
+        output=str(out_path.resolve()),
+    )
+
+
+def _plan(
+    source: ImageSource,
+    view: ImageSource,
+    model_id: dict[str, str],
+    grid: BlockGrid,
+    **settings: Any,
+) -> dict[str, Any]:
+    """What a run is, in JSON: stored in a ``.zarr`` output and compared on resume."""
+    assert source.path is not None
+    return {
         "input": {
             "path": str(source.path.resolve()),
             "key": source.key,
@@ -306,283 +389,17 @@ def predict_file(
         "block": list(grid.block),
         "halo": list(grid.halo),
         "alignment": list(grid.alignment),
-        "batch_size": batch_size,
-        "activation": activation,
-        "output_dtype": output_dtype,
-        "segmentation": segmentation,
-        "threshold": float(threshold),
-        "normalization": None if normalization is None else normalization.to_dict(),
+        **settings,
     }
 
-    store: PredictionStore | None = None
-    if zarr_out and resume and out_path.exists():
-        store = PredictionStore.open(out_path)
-        _check_plan(out_path, store.plan, plan)
-        plan = store.plan  # keeps the cached percentiles
-        if store.complete:
-            total = len(grid)
-            return PredictionReport(
-                out_path, total, total, 0, time.perf_counter() - t0, "already complete"
-            )
-    phases: dict[str, float] = {}
-    tick = time.perf_counter()
 
-    def phase(name: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        phases[name] = phases.get(name, 0.0) + now - tick
-        tick = now
-
-    if normalization is not None:
-        normalization = InputNormalization.from_dict(plan["normalization"] or {})
-        if normalization.mode == "global" and normalization.values is None:
-            channel_axis = 0 if view.axes[0] == "c" else None
-            # one streaming pass, read in pieces of about the input's chunks
-            normalization.fit(
-                view.array,
-                channel_axis=channel_axis,
-                chunks=_read_chunks(view, channel_axis),
-                progress=progress,
-            )
-            plan["normalization"] = normalization.to_dict()
-    phase("percentiles")
-
-    blocks_all = list(grid)
-    batches = [blocks_all[i : i + batch_size] for i in range(0, len(blocks_all), batch_size)]
-    done = store.done() if store is not None else np.zeros(grid.grid_shape, bool)
-    # Whole batches are redone, so every window is predicted in the same batch as in an
-    # uninterrupted run (batch composition changes the floating-point results).
-    todo = [b for b in batches if not all(done[blk.index] for blk in b)]
-    skipped = len(blocks_all) - sum(len(b) for b in todo)
-
-    spatial_axes = view.axes[-ndim:]
-    scale, units = view.axis_info(spatial_axes)
-    translation = tuple(view.translation[-ndim:])
-
-    def create_store(shape: tuple[int, ...]) -> PredictionStore:
-        names = list(channel_names) if channel_names else None
-        if names is not None and len(names) != shape[0]:
-            warnings.warn(
-                f"{len(names)} channel names ({', '.join(names)}) for a model with {shape[0]} "
-                "output channels: the channels are called c0, c1, ... instead",
-                NahtlosWarning,
-                stacklevel=3,
-            )
-            names = None
-        return PredictionStore.create(
-            out_path,
-            shape=shape,
-            block=grid.block,
-            dtype=output_dtype,
-            axes=spatial_axes,
-            scale=scale,
-            units=units,
-            translation=translation,
-            channel_names=names,
-            segmentation=segmentation,
-            threshold=threshold,
-            pyramid_levels=pyramid_levels,
-            plan={**plan, "run_id": uuid.uuid4().hex},
-            overwrite=True,
-        )
-
-    stats = PredictionStats()
-    out_transform = activation_function(activation)
-    if scheduler is None:
-        prefetch = 2 if max_windows is None else max(1, (max_windows // batch_size - 1) // 2)
-
-        def run_in_process(out: Any, **extra: Any) -> None:
-            predict_blockwise(
-                module,
-                read_view.array,
-                grid.block,
-                grid.halo,
-                grid.alignment,
-                ndim=ndim,
-                batch_size=batch_size,
-                device=dev,
-                out=out,
-                input_transform=normalization,
-                output_transform=out_transform,
-                prefetch=prefetch,
-                progress=progress,
-                stats=stats,
-                **extra,
-            )
-
-        if not zarr_out:
-            pending = PendingOutput(
-                out_path,
-                chunks=grid.block,
-                dtype=output_dtype,
-                overwrite=overwrite,
-                axes=spatial_axes,
-                scale=scale,
-                units=units,
-            )
-            try:
-                run_in_process(pending)
-                pending.commit()
-            except BaseException:
-                pending.discard()
-                raise
-            phase("predict")
-            return PredictionReport(
-                out_path,
-                len(blocks_all),
-                0,
-                len(blocks_all),
-                time.perf_counter() - t0,
-                "in-process",
-                phases,
-                stats,
-            )
-        made: list[PredictionStore] = [store] if store is not None else []
-
-        def factory(shape: tuple[int, ...]) -> PredictionStore:
-            made.append(create_store(shape))
-            return made[0]
-
-        run_in_process(
-            store if store is not None else factory,
-            blocks=[blk for batch in todo for blk in batch],
-            on_block_done=lambda blk: made[0].mark_done(blk),
-        )
-        if not made:  # an empty plan cannot happen for a non-empty image
-            raise RuntimeError("no block was predicted")
-        phase("predict")
-        made[0].finalize(scheduler="threads")
-        phase("finalize")
-        return PredictionReport(
-            out_path,
-            len(blocks_all),
-            skipped,
-            len(blocks_all) - skipped,
-            time.perf_counter() - t0,
-            "in-process",
-            phases,
-            stats,
-        )
-
-    client, close, torch_threads = _connect(scheduler, workers)
-    try:
-        job = _Job(
-            input_path=str(source.path.resolve()),
-            input_key=source.key,
-            level=source.level,
-            ndim=ndim,
-            input_stamp=_stamp(source.path),
-            shape=spatial_shape,
-            block=grid.block,
-            halo=grid.halo,
-            alignment=grid.alignment,
-            batch_size=batch_size,
-            device=str(device or "auto"),
-            activation=activation,
-            normalization=normalization,
-            output=str(out_path.resolve()),
-            run_id="",
-            torch_threads=torch_threads,
-        )
-        model_ref: Any
-        if loaded is not None:
-            model_ref = ("file", str(loaded.path.resolve()), model_id["sha256"])
-        else:
-            # shipped once to every worker and kept there, not pickled per task
-            model_ref = client.scatter(module, broadcast=True, hash=False)
-        channels_out = _warm_workers(client, job, model_ref, channels_in, grid.window_shape)
-        if store is None:
-            store = create_store((channels_out, *spatial_shape))
-        job = replace(job, run_id=str(store.plan.get("run_id", "")))
-        phase("startup")
-        in_flight = (
-            max(1, max_windows // batch_size) if max_windows else _worker_threads(client) * 2
-        )
-        _run_tasks(
-            client, job, model_ref, todo, in_flight, retries, progress, skipped, len(blocks_all)
-        )
-        phase("predict")
-        store.finalize(scheduler=client)
-        phase("finalize")
-        address = str(client.scheduler.address) if client.scheduler else "dask"
-    finally:
-        close()
-    return PredictionReport(
-        out_path,
-        len(blocks_all),
-        skipped,
-        len(blocks_all) - skipped,
-        time.perf_counter() - t0,
-        address,
-        phases,
-    )
-
-
-def _window_reader(source: ImageSource, ndim: int, window: tuple[int, ...]) -> ImageSource:
-    """The model's view of ``source``, reading through a cache of decoded chunks.
-
-    The cache holds the chunks of one window plus two columns of chunks along the
-    last axis: consecutive windows (blocks go in grid order, the last axis fastest)
-    then decode only the chunks they do not share with the window before, even with
-    two windows read at once. It is bounded by 256 MiB; files without regular chunks
-    are read directly.
-    """
-    chunks = getattr(source.array, "chunks", None)
-    view = source.for_model(ndim)
-    if not (isinstance(chunks, tuple) and len(chunks) == len(source.shape)):
-        return view
-    spatial = dict(zip(("z", "y", "x")[-ndim:], window, strict=True))
-    extent = []
-    for axis, n in zip(source.axes, source.shape, strict=True):
-        if axis in spatial and axis in view.axes:
-            extent.append(spatial[axis])
-        elif view.axes[0] == "c" and axis in ("c", "s") and n == view.shape[0]:
-            extent.append(n)
-        else:
-            extent.append(1)
-    if not source.axes_known:  # the view guessed the axes: spatial ones are the last
-        extent = [*source.shape[: len(source.shape) - ndim], *window]
-    per_window = ChunkCache.chunks_per_window(extent, chunks)
-    column = per_window // (-(-extent[-1] // int(chunks[-1])) + 1)
-    chunk_bytes = math.prod(int(c) for c in chunks) * source.dtype.itemsize
-    capacity = min(per_window + 2 * column, (256 << 20) // max(chunk_bytes, 1))
-    if capacity < per_window:  # too little room to share anything: read directly
-        return view
-    return replace(source, array=ChunkCache(source.array, capacity)).for_model(ndim)
-
-
-def _infer_ndim(block: int | Sequence[int], loaded: LoadedModel | None, source: ImageSource) -> int:
-    if not isinstance(block, int):
-        return len(tuple(block))
-    if loaded is not None and loaded.metadata.get("ndim"):
-        return int(loaded.metadata["ndim"])
-    if source.axes_known and len(source.spatial_axes) in (2, 3):
-        # a single z plane is still a 2D image
-        z = source.axes.index("z") if "z" in source.axes else None
-        return 2 if z is not None and source.shape[z] == 1 else len(source.spatial_axes)
-    n = len(source.shape)
-    return n if n <= 3 else n - 1
-
-
-def _read_chunks(view: ImageSource, channel_axis: int | None) -> tuple[int, ...]:
-    """Read shape for the percentile pass: the file's chunks, grown to ~2M values.
-
-    Bigger reads only cost memory: the histogram update holds several 8-byte copies.
-    """
-    shape = view.shape
-    chunks = getattr(view.array, "chunks", None)
-    if isinstance(chunks, tuple) and len(chunks) == len(shape):
-        base = [int(c) for c in chunks]
-    else:
-        base = [1] * len(shape)
-    if channel_axis is not None:
-        base[channel_axis] = 1
-    for axis in range(len(shape) - 1, -1, -1):
-        if axis == channel_axis:
-            continue
-        other = math.prod(base) // base[axis]
-        base[axis] = max(base[axis], min(shape[axis], max(1, (1 << 21) // other)))
-    return tuple(base)
+def _resumed_store(out_path: Path, plan: dict[str, Any]) -> PredictionStore | None:
+    """The interrupted ``.zarr`` output to continue, checked against this run's plan."""
+    if out_path.suffix.lower() != ".zarr" or not out_path.exists():
+        return None
+    store = PredictionStore.open(out_path)
+    _check_plan(out_path, store.plan, plan)
+    return store
 
 
 def _check_plan(path: Path, stored: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -599,256 +416,232 @@ def _check_plan(path: Path, stored: dict[str, Any], plan: dict[str, Any]) -> Non
             )
 
 
-# --------------------------------------------------------------------------- Dask
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _connect(scheduler: Any, workers: int | None) -> tuple[Any, Callable[[], None], int | None]:
-    """A client for ``scheduler``, a function closing what we opened, and torch threads."""
-    from distributed import Client, LocalCluster
-
-    if isinstance(scheduler, Client):
-        return scheduler, lambda: None, None
-    if scheduler == "local":
-        n = workers or 1
-        if n < 1:
-            raise SettingsError(f"workers must be at least 1, got {n}")
-        threads = max(1, _cores() // n)
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",  # any free port: never clash with another cluster
-            silence_logs=logging.ERROR,
-        )
-        client = Client(cluster)
-
-        def close() -> None:
-            client.close()
-            cluster.close()
-
-        return client, close, threads
-    if isinstance(scheduler, str) and "://" in scheduler:
-        try:
-            client = Client(scheduler, timeout="30s")
-        except OSError as exc:
-            raise SettingsError(
-                f"cannot reach the Dask scheduler at {scheduler!r}: {exc}; start it (e.g. with "
-                "dask-jobqueue or `dask scheduler`) or use --scheduler local"
-            ) from exc
-        return client, client.close, None
-    raise SettingsError(
-        f"scheduler {scheduler!r} is not 'local' or an address such as tcp://host:8786"
-    )
-
-
-def _worker_threads(client: Any) -> int:
-    info = client.scheduler_info()
-    return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
-
-
-def _run_tasks(
-    client: Any,
-    job: _Job,
-    model_ref: Any,
-    batches: list[list[Block]],
-    in_flight: int,
-    retries: int,
+def _fitted(
+    normalization: InputNormalization | None,
+    plan: dict[str, Any],
+    view: ImageSource,
     progress: bool,
-    skipped: int,
-    total: int,
-) -> None:
-    from distributed import as_completed
+) -> InputNormalization | None:
+    """The input normalization of the plan, its global percentiles fitted (and cached).
 
-    token = uuid.uuid4().hex[:8]
-    queue = iter(batches)
-    running: dict[str, tuple[Any, list[Block]]] = {}
-    completed = as_completed()
-
-    def submit_next() -> None:
-        batch = next(queue, None)
-        if batch is None:
-            return
-        first = "-".join(str(i) for i in batch[0].index)
-        future = client.submit(
-            _predict_task,
-            job,
-            model_ref,
-            [b.index for b in batch],
-            key=f"nahtlos-block-{first}-{token}",
-            retries=retries,
-            pure=False,
-        )
-        running[future.key] = (future, batch)
-        completed.add(future)
-
-    bar = tqdm(
-        total=total,
-        initial=skipped,
-        unit="block",
-        desc="predict",
-        disable=not progress,
-        leave=False,
-    )
-    try:
-        for _ in range(in_flight):
-            submit_next()
-        for future in completed:
-            _, batch = running.pop(future.key)
-            if future.status != "finished":
-                exc = future.exception()
-                blk = batch[0]
-                where = ", ".join(f"{s.start}:{s.stop}" for s in blk.inner)
-                raise BlockFailedError(
-                    f"block {blk.index} (voxels {where}"
-                    f"{f' and {len(batch) - 1} more in its batch' if len(batch) > 1 else ''}) "
-                    f"failed after {retries} retries: {type(exc).__name__}: {exc}; the output "
-                    "keeps every finished block: fix the cause and run again with --resume",
-                    block=blk.index,
-                ) from exc
-            bar.update(len(batch))
-            submit_next()
-    except BaseException:
-        client.cancel([f for f, _ in running.values()])
-        raise
-    finally:
-        bar.close()
-
-
-_LOCK = threading.Lock()
-_THREADS_SET: list[int] = []
-
-
-def _set_torch_threads(n: int | None) -> None:
-    if n and not _THREADS_SET:
-        torch.set_num_threads(n)
-        _THREADS_SET.append(n)
-
-
-@functools.lru_cache(maxsize=4)
-def _model_from_file(path: str, digest: str, device: str) -> torch.nn.Module:
-    return load_model(path, map_location=device).module
-
-
-def _worker_model(model_ref: Any, device: torch.device) -> torch.nn.Module:
-    if isinstance(model_ref, tuple) and model_ref and model_ref[0] == "file":
-        with _LOCK:  # loaded once per worker process, even with several threads
-            return _model_from_file(model_ref[1], model_ref[2], str(device))
-    module: torch.nn.Module = model_ref
-    return module
-
-
-@functools.lru_cache(maxsize=8)
-def _image(
-    path: str,
-    key: str | None,
-    level: int,
-    ndim: int,
-    stamp: tuple[int, int],
-    window: tuple[int, ...],
-) -> Any:
-    return _window_reader(open_source(path, key, level=level), ndim, window).array
-
-
-@functools.lru_cache(maxsize=8)
-def _store(path: str, run_id: str) -> PredictionStore:
-    return PredictionStore.open(path)
-
-
-def _image_key(job: _Job) -> tuple[Any, ...]:
-    window = tuple(b + 2 * h for b, h in zip(job.block, job.halo, strict=True))
-    return job.input_path, job.input_key, job.level, job.ndim, job.input_stamp, window
-
-
-def _warm_workers(
-    client: Any, job: _Job, model_ref: Any, channels_in: int, window: tuple[int, ...]
-) -> int:
-    """Load the model, open the input and run one window of zeros on every worker.
-
-    Returns the model's output channels. A worker that cannot warm up is left alone
-    (its tasks will fail and be retried elsewhere); if none can, the run stops here,
-    before the output is created.
+    The percentiles come from the plan when a resumed output has them; otherwise one
+    streaming pass over the input computes them, read in pieces of about its chunks.
     """
-    workers = list(client.scheduler_info().get("workers", {}))
-    futures = [
-        client.submit(
-            _warm_task,
-            job,
-            model_ref,
+    if normalization is None:
+        return None
+    normalization = InputNormalization.from_dict(plan["normalization"] or {})
+    if normalization.mode == "global" and normalization.values is None:
+        axis = channel_axis(view)
+        normalization.fit(
+            view.array, channel_axis=axis, chunks=percentile_chunks(view, axis), progress=progress
+        )
+        plan["normalization"] = normalization.to_dict()
+    return normalization
+
+
+def _todo(
+    grid: BlockGrid, batch_size: int, store: PredictionStore | None
+) -> tuple[list[list[Block]], int]:
+    """The batches still to predict, and the number of blocks a resumed output has."""
+    blocks = list(grid)
+    batches = [blocks[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
+    done = store.done() if store is not None else np.zeros(grid.grid_shape, bool)
+    # Whole batches are redone, so every window is predicted in the same batch as in an
+    # uninterrupted run (batch composition changes the floating-point results).
+    todo = [b for b in batches if not all(done[blk.index] for blk in b)]
+    return todo, len(blocks) - sum(len(b) for b in todo)
+
+
+class _SpatialAxes(TypedDict):
+    axes: tuple[str, ...]
+    scale: tuple[float, ...]
+    units: tuple[str | None, ...]
+
+
+def _spatial_axes(view: ImageSource, ndim: int) -> _SpatialAxes:
+    """Names, pixel sizes and units of the input's spatial axes, for the output."""
+    axes = view.axes[-ndim:]
+    scale, units = view.axis_info(axes)
+    return {"axes": axes, "scale": scale, "units": units}
+
+
+@dataclass
+class _Output:
+    """Where and how the prediction is written."""
+
+    path: Path
+    block: tuple[int, ...]
+    dtype: OutputDtype
+    segmentation: Segmentation | None
+    threshold: float
+    channel_names: Sequence[str] | None
+    pyramid_levels: int | None
+    overwrite: bool
+    spatial: _SpatialAxes
+    translation: tuple[float, ...]
+    plan: dict[str, Any]
+
+    def store(self, shape: tuple[int, ...]) -> PredictionStore:
+        """A new store for a model with ``shape[0]`` output channels."""
+        names = list(self.channel_names) if self.channel_names else None
+        if names is not None and len(names) != shape[0]:
+            warnings.warn(
+                f"{len(names)} channel names ({', '.join(names)}) for a model with {shape[0]} "
+                "output channels: the channels are called c0, c1, ... instead",
+                NahtlosWarning,
+                stacklevel=3,
+            )
+            names = None
+        return PredictionStore.create(
+            self.path,
+            shape=shape,
+            block=self.block,
+            dtype=self.dtype,
+            translation=self.translation,
+            channel_names=names,
+            segmentation=self.segmentation,
+            threshold=self.threshold,
+            pyramid_levels=self.pyramid_levels,
+            plan={**self.plan, "run_id": uuid.uuid4().hex},
+            overwrite=True,
+            **self.spatial,
+        )
+
+    def pending(self) -> PendingOutput:
+        """A ``.npy`` or ``.tif`` output, moved into place when complete."""
+        return PendingOutput(
+            self.path, chunks=self.block, dtype=self.dtype, overwrite=self.overwrite, **self.spatial
+        )
+
+
+class _Clock:
+    """Wall time of a run, and of its phases."""
+
+    def __init__(self) -> None:
+        self.start = self.tick = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def start_phases(self) -> None:
+        """Start timing the first phase (planning does not count as one)."""
+        self.tick = time.perf_counter()
+
+    def phase(self, name: str) -> None:
+        """Count the time since the last phase ended towards ``name``."""
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.tick
+        self.tick = now
+
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class _Run:
+    """The blocks of a planned run, predicted in this process, and its report."""
+
+    job: Job
+    output: _Output
+    clock: _Clock
+    blocks: int
+    skipped: int
+    stats: PredictionStats = field(default_factory=PredictionStats)
+
+    def report(self, scheduler: str) -> PredictionReport:
+        """What the run did; ``scheduler`` says where it ran."""
+        return PredictionReport(
+            self.output.path,
+            self.blocks,
+            self.skipped,
+            self.blocks - self.skipped,
+            self.clock.elapsed(),
+            scheduler,
+            self.clock.phases,
+            self.stats,
+        )
+
+    def in_process(
+        self,
+        module: torch.nn.Module,
+        image: Any,
+        store: PredictionStore | None,
+        batches: list[list[Block]],
+        max_windows: int | None,
+        progress: bool,
+    ) -> PredictionReport:
+        """Predict ``batches`` from ``image`` (the model's view of the input) here.
+
+        A ``.zarr`` output (``store`` when resumed) is created once the model's output
+        channels are known and finalized at the end; another output is written under
+        a temporary name and moved into place when complete.
+        """
+        job = self.job
+        prefetch = 2 if max_windows is None else max(1, (max_windows // job.batch_size - 1) // 2)
+        device = resolve_device(job.device)
+
+        def run(out: Any, **options: Any) -> None:
+            options.update(prefetch=prefetch, progress=progress, stats=self.stats)
+            predict_job(job, module, image, device, out, **options)
+
+        if self.output.path.suffix.lower() != ".zarr":
+            pending = self.output.pending()
+            try:
+                run(pending)
+                pending.commit()
+            except BaseException:
+                pending.discard()
+                raise
+            self.clock.phase("predict")
+            return self.report("in-process")
+        made: list[PredictionStore] = [store] if store is not None else []
+
+        def factory(shape: tuple[int, ...]) -> PredictionStore:
+            made.append(self.output.store(shape))
+            return made[0]
+
+        run(
+            store if store is not None else factory,
+            blocks=[blk for batch in batches for blk in batch],
+            on_block_done=lambda blk: made[0].mark_done(blk),
+        )
+        if not made:  # an empty plan cannot happen for a non-empty image
+            raise RuntimeError("no block was predicted")
+        self.clock.phase("predict")
+        made[0].finalize(scheduler="threads")
+        self.clock.phase("finalize")
+        return self.report("in-process")
+
+    def on_dask(
+        self,
+        scheduler: Any,
+        workers: int | None,
+        model: torch.nn.Module | tuple[str, str],
+        channels_in: int,
+        batches: list[list[Block]],
+        store: PredictionStore | None,
+        max_windows: int | None,
+        retries: int,
+        progress: bool,
+    ) -> PredictionReport:
+        """Predict ``batches`` on Dask (see :func:`~nahtlos.engine.cluster.predict_on_dask`)."""
+
+        def open_store(channels: int) -> PredictionStore:
+            if store is not None:
+                return store
+            return self.output.store((channels, *self.job.shape))
+
+        address = predict_on_dask(
+            scheduler,
+            workers,
+            self.job,
+            model,
             channels_in,
-            workers=[w],
-            allow_other_workers=False,
-            pure=False,
+            batches,
+            open_store,
+            max_windows=max_windows,
+            retries=retries,
+            progress=progress,
+            done=(self.skipped, self.blocks),
+            phase=self.clock.phase,
         )
-        for w in workers
-    ]
-    first: BaseException | None = None
-    channels: int | None = None
-    for future in futures:
-        try:
-            channels = int(future.result())
-        except Exception as exc:
-            first = first or exc
-    if channels is None:
-        raise BlockFailedError(
-            f"the model failed on a {window} window of zeros on every Dask worker: "
-            f"{type(first).__name__}: {first}"
-        ) from first
-    return channels
-
-
-def _warm_task(job: _Job, model_ref: Any, channels_in: int) -> int:
-    """Prepare a worker: threads, model, input; returns the model's output channels.
-
-    The forward pass on zeros also makes the first real window as fast as the rest
-    (kernel selection, TorchScript profiling, CUDA context).
-    """
-    _set_torch_threads(job.torch_threads)
-    dev = resolve_device(job.device)
-    module = _worker_model(model_ref, dev)
-    with _LOCK:
-        _image(*_image_key(job))
-    window = tuple(b + 2 * h for b, h in zip(job.block, job.halo, strict=True))
-    x = torch.zeros((job.batch_size, channels_in, *window))
-    if isinstance(module, torch.nn.Module):
-        module.to(dev)
-    with torch.inference_mode():
-        y = module(x.to(dev))
-    return int(y.shape[1])
-
-
-def _predict_task(job: _Job, model_ref: Any, indices: list[tuple[int, ...]]) -> int:
-    """Predict one batch of blocks and write them (run on a worker)."""
-    _set_torch_threads(job.torch_threads)
-    dev = resolve_device(job.device)
-    module = _worker_model(model_ref, dev)
-    with _LOCK:
-        image = _image(*_image_key(job))
-        store = _store(job.output, job.run_id)
-    grid = BlockGrid(job.shape, job.block, job.halo, job.alignment)
-    blocks = [grid[i] for i in indices]
-    predict_blockwise(
-        module,
-        image,
-        grid.block,
-        grid.halo,
-        grid.alignment,
-        ndim=job.ndim,
-        batch_size=job.batch_size,
-        device=dev,
-        out=store,
-        input_transform=job.normalization,
-        output_transform=activation_function(job.activation),
-        blocks=blocks,
-        on_block_done=store.mark_done,
-        prefetch=1,
-        io_threads=1,
-        progress=False,
-    )
-    return len(blocks)
+        return self.report(address)  # without timings: those are of in-process runs

@@ -25,7 +25,28 @@ from ..errors import BlockShapeError, NahtlosWarning
 __all__ = [
     "Block",
     "BlockGrid",
+    "window_slices",
 ]
+
+
+def window_slices(
+    start: Sequence[int], shape: Sequence[int], image_shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Where a window of ``shape`` at ``start`` (image coordinates) meets the image.
+
+    Returns
+    -------
+    source, target
+        ``image[source]`` is the part of the window inside the image and lands at
+        ``window[target]``; the rest of the window is zero padding. Along an axis where
+        the window misses the image, ``source`` is empty (``stop <= start``).
+    """
+    source, target = [], []
+    for a, w, n in zip(start, shape, image_shape, strict=True):
+        lo, hi = max(a, 0), min(a + w, n)
+        source.append(slice(lo, hi))
+        target.append(slice(lo - a, hi - a))
+    return tuple(source), tuple(target)
 
 
 @dataclass(frozen=True)
@@ -81,12 +102,7 @@ class Block:
             ``image[source]`` is the part of the window inside the image and lands at
             ``window[target]``; the rest of the window is zero padding.
         """
-        source, target = [], []
-        for a, b, n in zip(self.window_start, self.window_stop, image_shape, strict=True):
-            lo, hi = max(a, 0), min(b, n)
-            source.append(slice(lo, hi))
-            target.append(slice(lo - a, hi - a))
-        return tuple(source), tuple(target)
+        return window_slices(self.window_start, self.window_shape, image_shape)
 
     @property
     def crop(self) -> tuple[slice, ...]:

@@ -30,7 +30,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,14 @@ from tqdm.auto import tqdm
 from ..axes import as_per_axis
 from ..errors import NahtlosError, ShapeMismatchError
 from .geometry import Block, BlockGrid
-from .predict import ArrayLike, model_device_dtype, resolve_device, resolve_ndim, split_channels
+from .predict import (
+    ArrayLike,
+    image_layout,
+    model_device_dtype,
+    place_model,
+    read_window,
+    resolve_ndim,
+)
 
 __all__ = [
     "FrozenNorm",
@@ -238,48 +245,6 @@ class _Stop(Exception):
     """Raised by the hook on the measured layer: the rest of the network is not needed."""
 
 
-class _ZeroPadded:
-    """The image seen as its zero-padded version of shape ``shape`` (offset ``before``).
-
-    The input transform applies to the image's voxels only, so padding stays zero, as
-    in :func:`~nahtlos.engine.predict.predict_whole`.
-    """
-
-    def __init__(
-        self,
-        image: ArrayLike,
-        channels: bool,
-        before: tuple[int, ...],
-        shape: tuple[int, ...],
-        transform: Callable[[np.ndarray], np.ndarray] | None,
-    ) -> None:
-        self.image, self.channels, self.before, self.spatial = image, channels, before, shape
-        self.n_channels = int(image.shape[0]) if channels else 1
-        self.image_spatial = tuple(int(s) for s in image.shape[-len(shape) :])
-        self.transform = transform
-        self.shape = (self.n_channels, *shape)
-
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        spatial = key[1:]
-        out = np.zeros((self.n_channels, *(s.stop - s.start for s in spatial)), np.float32)
-        src, dst = [], []
-        for s, b, n in zip(spatial, self.before, self.image_spatial, strict=True):
-            lo, hi = max(s.start - b, 0), min(s.stop - b, n)
-            if hi <= lo:
-                return out
-            src.append(slice(lo, hi))
-            dst.append(slice(lo + b - s.start, hi + b - s.start))
-        region = np.asarray(
-            self.image[(slice(None), *src) if self.channels else tuple(src)], np.float32
-        )
-        region = region if self.channels else region[None]
-        if self.transform is not None:
-            region = np.asarray(self.transform(region), np.float32)
-        key = (slice(None), *dst)
-        out[key] = region
-        return out
-
-
 def _stats_fingerprint(
     model: torch.nn.Module,
     image: ArrayLike,
@@ -390,6 +355,49 @@ def compute_global_stats(
     -------
     GlobalNormStats
     """
+    _check_measurable(model, fraction, input_transform)
+    nd, channels, spatial = image_layout(image, ndim, block)
+    align = as_per_axis(alignment, nd, "alignment")
+    halo_t = as_per_axis(halo, nd, "halo")
+    # the prediction's own block grid: the statistics passes cost as many windows
+    grid = BlockGrid(spatial, block, halo_t, align)
+    layers = tile_norm_layers(model, ignore_running_stats)
+    fp = _stats_fingerprint(
+        model, image, halo_t, align, ignore_running_stats, input_transform, image_id
+    )
+    blocks = _sample_blocks(list(grid), fraction, seed)
+    mode = "global" if fraction == 1 else "sampled"
+    if not layers:
+        return GlobalNormStats([], fp, mode, fraction, len(blocks), len(grid))
+
+    def read(batch: Sequence[_Window]) -> np.ndarray:
+        # the statistics domain is the padded image of predict_whole: one halo before it
+        return np.stack(
+            [read_window(image, w.start(halo_t), w.shape, channels, input_transform) for w in batch]
+        )
+
+    work = copy.deepcopy(model).eval()
+    place_model(work, device)
+    n_channels = int(image.shape[0]) if channels else 1
+    batches = _clipped_batches(blocks, grid, grid.padded_shape, batch_size)
+    results = _measure_layers(work, layers, batches, read, n_channels, grid, fraction, progress)
+    return GlobalNormStats(
+        layers=results,
+        fingerprint=fp,
+        mode=mode,
+        fraction=fraction,
+        blocks_used=len(blocks),
+        blocks_total=len(grid),
+        extra={"domain": list(grid.padded_shape), "halo": list(halo_t), "alignment": list(align)},
+    )
+
+
+def _check_measurable(
+    model: torch.nn.Module,
+    fraction: float,
+    input_transform: Callable[[np.ndarray], np.ndarray] | None,
+) -> None:
+    """Refuse what whole-image statistics cannot be measured for."""
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise GlobalStatsError(
             "whole-image statistics need a Python model (forward hooks); TorchScript files "
@@ -402,95 +410,95 @@ def compute_global_stats(
             "tile-wise input normalization makes every tile's input depend on the tile: "
             "whole-image statistics need global input normalization"
         )
-    nd = resolve_ndim(image, block, ndim)
-    channels = split_channels(image, nd)
-    spatial = tuple(int(s) for s in image.shape[-nd:])
-    align = as_per_axis(alignment, nd, "alignment")
-    halo_t = as_per_axis(halo, nd, "halo")
-    # the prediction's own block grid: the statistics passes cost as many windows
-    grid = BlockGrid(spatial, block, halo_t, align)
-    # the statistics domain: the padded image of predict_whole
-    domain = grid.padded_shape
-    view = _ZeroPadded(image, channels, halo_t, domain, input_transform)
-    layers = tile_norm_layers(model, ignore_running_stats)
-    fp = _stats_fingerprint(
-        model, image, halo_t, align, ignore_running_stats, input_transform, image_id
-    )
-    blocks = list(grid)
-    if fraction < 1:
-        # at least two blocks, so that the spread between blocks gives a standard error
-        k = min(len(blocks), max(2, math.ceil(fraction * len(blocks))))
-        rng = np.random.default_rng(seed)
-        # stratified: one block from each of k equal runs of the grid order
-        edges = np.linspace(0, len(blocks), k + 1)
-        picks = sorted(
-            {
-                min(int(lo + rng.random() * (hi - lo)), len(blocks) - 1)
-                for lo, hi in itertools.pairwise(edges)
-            }
-        )
-        blocks = [blocks[i] for i in picks]
-    if not layers:
-        return GlobalNormStats(
-            [], fp, "global" if fraction == 1 else "sampled", fraction, len(blocks), len(grid)
-        )
 
-    work = copy.deepcopy(model).eval()
-    if device is not None:
-        work.to(resolve_device(device))
+
+def _sample_blocks(blocks: list[Block], fraction: float, seed: int) -> list[Block]:
+    """All blocks, or a ``fraction`` of them spread evenly over the grid order."""
+    if fraction >= 1:
+        return blocks
+    # at least two blocks, so that the spread between blocks gives a standard error
+    k = min(len(blocks), max(2, math.ceil(fraction * len(blocks))))
+    rng = np.random.default_rng(seed)
+    # stratified: one block from each of k equal runs of the grid order
+    edges = np.linspace(0, len(blocks), k + 1)
+    picks = sorted(
+        {
+            min(int(lo + rng.random() * (hi - lo)), len(blocks) - 1)
+            for lo, hi in itertools.pairwise(edges)
+        }
+    )
+    return [blocks[i] for i in picks]
+
+
+def _measure_layers(
+    work: torch.nn.Module,
+    layers: list[tuple[str, torch.nn.Module]],
+    batches: list[list[_Window]],
+    read: Callable[[Sequence[_Window]], np.ndarray],
+    n_channels: int,
+    grid: BlockGrid,
+    fraction: float,
+    progress: bool,
+) -> list[LayerStats]:
+    """Measure the norm layers of ``work`` one by one in call order, freezing each in turn.
+
+    Each layer's pass runs the network up to that layer (earlier layers already frozen
+    in ``work``) on every batch of windows.
+    """
     dev, dtype = model_device_dtype(work)
-    work_modules = dict(work.named_modules())
-    example = torch.zeros((2, view.n_channels, *grid.window_shape), dtype=dtype, device=dev)
-    order = _call_order(work, [(n, work_modules[n]) for n, _ in layers], example)
-    batches = _clipped_batches(blocks, grid, domain, batch_size)
+    modules = dict(work.named_modules())
+    example = torch.zeros((2, n_channels, *grid.window_shape), dtype=dtype, device=dev)
+    order = _call_order(work, [(n, modules[n]) for n, _ in layers], example)
     results: list[LayerStats] = []
-    bar = tqdm(
+    with tqdm(
         total=len(order) * len(batches),
         desc="norm statistics",
         unit="batch",
         disable=not progress,
         leave=False,
-    )
-    try:
+    ) as bar:
         for name in order:
-            module = work_modules[name]
-            groups = int(module.num_groups) if isinstance(module, torch.nn.GroupNorm) else None
+            module = dict(work.named_modules())[name]
             acc = _Accumulator()
-            captured: dict[str, torch.Tensor] = {}
-
-            def hook(
-                _m: torch.nn.Module,
-                inputs: tuple[torch.Tensor, ...],
-                captured: dict[str, torch.Tensor] = captured,
-            ) -> None:
-                captured["x"] = inputs[0]
-                raise _Stop
-
-            handle = module.register_forward_pre_hook(hook)
-            try:
-                for batch in batches:
-                    windows = np.stack([view[w.key] for w in batch])
-                    with torch.inference_mode(), contextlib.suppress(_Stop):
-                        work(torch.from_numpy(windows).to(dev, dtype=dtype))
-                    acc.add(captured.pop("x"), batch, groups)
-                    bar.update(1)
-            finally:
-                handle.remove()
-            stats = acc.result(name, type(module).__name__, groups, fraction < 1, len(grid))
+            for windows, batch in _layer_inputs(work, module, batches, read, dev, dtype):
+                acc.add(windows, batch, _groups(module))
+                bar.update(1)
+            stats = acc.result(
+                name, type(module).__name__, _groups(module), fraction < 1, len(grid)
+            )
             results.append(stats)
             _install(work, [stats])  # freeze before measuring the next layer
-            work_modules = dict(work.named_modules())
+    return results
+
+
+def _groups(module: torch.nn.Module) -> int | None:
+    """The groups of a GroupNorm; ``None`` for statistics per channel."""
+    return int(module.num_groups) if isinstance(module, torch.nn.GroupNorm) else None
+
+
+def _layer_inputs(
+    work: torch.nn.Module,
+    module: torch.nn.Module,
+    batches: list[list[_Window]],
+    read: Callable[[Sequence[_Window]], np.ndarray],
+    dev: torch.device,
+    dtype: torch.dtype,
+) -> Iterator[tuple[torch.Tensor, list[_Window]]]:
+    """The input of ``module`` for every batch, running ``work`` only up to it."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_m: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured["x"] = inputs[0]
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for batch in batches:
+            with torch.inference_mode(), contextlib.suppress(_Stop):
+                work(torch.from_numpy(read(batch)).to(dev, dtype=dtype))
+            yield captured.pop("x"), batch
     finally:
-        bar.close()
-    return GlobalNormStats(
-        layers=results,
-        fingerprint=fp,
-        mode="global" if fraction == 1 else "sampled",
-        fraction=fraction,
-        blocks_used=len(blocks),
-        blocks_total=len(grid),
-        extra={"domain": list(domain), "halo": list(halo_t), "alignment": list(align)},
-    )
+        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -504,9 +512,9 @@ class _Window:
     def shape(self) -> tuple[int, ...]:
         return tuple(w.stop - w.start for w in self.window)
 
-    @property
-    def key(self) -> tuple[slice, ...]:
-        return (slice(None), *self.window)
+    def start(self, before: tuple[int, ...]) -> tuple[int, ...]:
+        """The window's start in image coordinates, the domain being ``before`` ahead."""
+        return tuple(w.start - b for w, b in zip(self.window, before, strict=True))
 
 
 def _clipped_batches(

@@ -22,13 +22,18 @@ from tqdm.auto import tqdm
 
 from ..axes import as_per_axis, axis_names
 from ..errors import ShapeMismatchError
-from .geometry import Block, BlockGrid
+from .geometry import Block, BlockGrid, window_slices
 
 __all__ = [
     "ArrayLike",
     "PredictionStats",
+    "image_layout",
+    "place_model",
     "predict_blockwise",
+    "predict_grid",
     "predict_whole",
+    "read_region",
+    "read_window",
     "resolve_device",
     "split_channels",
 ]
@@ -117,34 +122,73 @@ def resolve_ndim(image: ArrayLike, block: int | Sequence[int], ndim: int | None)
     return _infer_ndim(image) if isinstance(block, int) else len(tuple(block))
 
 
-def _read_window(
+def image_layout(
+    image: ArrayLike, ndim: int | None, block: int | Sequence[int] = 1
+) -> tuple[int, bool, tuple[int, ...]]:
+    """How ``image`` meets a model: its spatial axes (see :func:`resolve_ndim`), whether
+    it has a leading channel axis (see :func:`split_channels`), and its spatial shape."""
+    nd = resolve_ndim(image, block, ndim)
+    channels = split_channels(image, nd)
+    return nd, channels, tuple(int(s) for s in image.shape[-nd:])
+
+
+def place_model(
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    device: str | torch.device | None,
+) -> tuple[torch.device, torch.dtype]:
+    """Move a module to ``device`` (if given); where and in which data type it runs.
+
+    A plain callable runs on ``device`` (default: CUDA when available) in float32.
+    """
+    if isinstance(model, torch.nn.Module):
+        if device is not None:
+            model.to(resolve_device(device))
+        return model_device_dtype(model)
+    return resolve_device(device), torch.float32
+
+
+def read_region(
     image: ArrayLike,
-    blk: Block,
-    spatial_shape: tuple[int, ...],
+    key: tuple[slice, ...],
     channels: bool,
     transform: Callable[[np.ndarray], np.ndarray] | None,
 ) -> np.ndarray:
-    source, target = blk.read_slices(spatial_shape)
-    key = (slice(None), *source) if channels else source
-    region = np.asarray(image[key], dtype=np.float32)
+    """The spatial region ``key`` of ``image`` as float32 ``(C, *region)``, transformed.
+
+    ``channels`` says whether the image has a leading channel axis; without one the
+    region gets a channel axis of length 1.
+    """
+    region = np.asarray(image[(slice(None), *key) if channels else key], dtype=np.float32)
     if not channels:
         region = region[None]
     if transform is not None:
         region = np.asarray(transform(region), dtype=np.float32)
-    window = np.zeros((region.shape[0], *blk.window_shape), dtype=np.float32)
-    key = (slice(None), *target)
-    window[key] = region
-    return window
+    return region
 
 
-def _read_batch(
+def read_window(
     image: ArrayLike,
-    blocks: Sequence[Block],
-    spatial_shape: tuple[int, ...],
+    start: Sequence[int],
+    shape: Sequence[int],
     channels: bool,
     transform: Callable[[np.ndarray], np.ndarray] | None,
 ) -> np.ndarray:
-    return np.stack([_read_window(image, b, spatial_shape, channels, transform) for b in blocks])
+    """A window of the zero-padded image: float32 ``(C, *shape)`` from ``start`` on.
+
+    ``start`` is in image coordinates, negative where the window reaches into the
+    padding before the image. Only the part inside the image is read and transformed
+    (:func:`read_region`), so the padding stays zero whatever the input transform, as
+    in :func:`predict_whole`.
+    """
+    spatial = tuple(int(n) for n in image.shape[len(image.shape) - len(shape) :])
+    source, target = window_slices(start, shape, spatial)
+    if any(s.stop <= s.start for s in source):  # the window lies wholly in the padding
+        return np.zeros((int(image.shape[0]) if channels else 1, *shape), np.float32)
+    region = read_region(image, source, channels, transform)
+    window = np.zeros((region.shape[0], *shape), dtype=np.float32)
+    key = (slice(None), *target)
+    window[key] = region
+    return window
 
 
 def _write_block(out: Any, blk: Block, prediction: np.ndarray) -> None:
@@ -238,89 +282,175 @@ def predict_blockwise(
         the window's spatial shape.
     """
     t_start = time.perf_counter()
-    ndim = resolve_ndim(image, block, ndim)
-    channels = split_channels(image, ndim)
-    spatial_shape = tuple(int(s) for s in image.shape[-ndim:])
+    ndim, channels, spatial_shape = image_layout(image, ndim, block)
     grid = BlockGrid(spatial_shape, block, halo, alignment, auto=auto)
     todo = list(grid) if blocks is None else list(blocks)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    dev, dtype = place_model(model, device)
+    stats = stats if stats is not None else PredictionStats()
+    output = _Output(out, spatial_shape)
 
-    if isinstance(model, torch.nn.Module):
-        if device is not None:
-            model.to(resolve_device(device))
-        dev, dtype = model_device_dtype(model)
-    else:
-        dev, dtype = resolve_device(device), torch.float32
+    def read(batch: list[Block]) -> np.ndarray:
+        return np.stack(
+            [
+                read_window(image, b.window_start, b.window_shape, channels, input_transform)
+                for b in batch
+            ]
+        )
+
+    def forward(windows: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(windows).to(dev, dtype=dtype)
+        return _forward(model, x, output_transform, grid.window_shape)
+
+    def done(blk: Block) -> None:
+        if on_block_done is not None:
+            on_block_done(blk)
+        bar.update(1)
 
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    stats = stats if stats is not None else PredictionStats()
-    result: Any = None if out is None or callable(out) else out
+    with tqdm(
+        total=len(todo), unit="block", desc="predict", disable=not progress, leave=False
+    ) as bar:
+        _run_batches(batches, batch_size, read, forward, output, done, prefetch, io_threads, stats)
+    stats.blocks += len(todo)
+    stats.total += time.perf_counter() - t_start
+    # nothing predicted (e.g. every block already done): out as given
+    return out if output.array is None else output.array
+
+
+def predict_grid(
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    image: ArrayLike,
+    grid: BlockGrid,
+    **options: Any,
+) -> Any:
+    """:func:`predict_blockwise` over the blocks of ``grid`` (its block, halo and alignment).
+
+    ``options`` are the keyword arguments of :func:`predict_blockwise` other than
+    ``ndim`` and ``auto``: the settings of a prediction, apart from its geometry.
+
+    Raises
+    ------
+    ShapeMismatchError
+        If the image's spatial shape is not the grid's.
+    """
+    spatial = tuple(int(s) for s in image.shape[-grid.ndim :])
+    if spatial != grid.shape:
+        raise ShapeMismatchError(
+            f"image of shape {tuple(image.shape)} does not fit the block grid over {grid.shape}"
+        )
+    return predict_blockwise(
+        model, image, grid.block, grid.halo, grid.alignment, ndim=grid.ndim, **options
+    )
+
+
+class _Output:
+    """Where the cropped blocks go: ``out``, or the array made once the channels are known."""
+
+    def __init__(self, out: Any | OutputFactory | None, spatial_shape: tuple[int, ...]) -> None:
+        self.out = out
+        self.spatial_shape = spatial_shape
+        self.array: Any = None if out is None or callable(out) else out
+
+    def ready(self, channels: int) -> Any:
+        """The output array for a model with ``channels`` output channels.
+
+        Raises
+        ------
+        ShapeMismatchError
+            If a given output array does not have that shape.
+        """
+        expected = (channels, *self.spatial_shape)
+        if self.array is None:
+            self.array = np.zeros(expected, np.float32) if self.out is None else self.out(expected)
+        if tuple(self.array.shape) != expected:
+            raise ShapeMismatchError(
+                f"the output array has shape {tuple(self.array.shape)} but the model predicts "
+                f"{channels} channels for an image of spatial shape {self.spatial_shape}; "
+                f"expected {expected}"
+            )
+        return self.array
+
+
+def _forward(
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    output_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    window_shape: tuple[int, ...],
+) -> np.ndarray:
+    """The (transformed) network output of a batch of windows, checked, as float32 numpy."""
+    y = _apply(model, x, output_transform)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(
+            f"the model returned {type(y).__name__}; block-wise prediction needs a "
+            "single tensor of shape (N, C, *window)"
+        )
+    if tuple(y.shape[2:]) != tuple(x.shape[2:]) or y.shape[0] != x.shape[0]:
+        raise ShapeMismatchError(
+            f"the model returned shape {tuple(y.shape)} for the input window of shape "
+            f"{tuple(x.shape)}; its output must keep the window's spatial shape "
+            f"{tuple(x.shape[2:])} (use padded convolutions), or the window "
+            f"{window_shape} does not suit the network's down-sampling"
+        )
+    return y.detach().to("cpu", torch.float32).numpy()
+
+
+def _apply(
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    output_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> Any:
+    with torch.inference_mode():
+        y = model(x)
+        if output_transform is not None:
+            y = output_transform(y)
+    return y
+
+
+def _run_batches(
+    batches: list[list[Block]],
+    batch_size: int,
+    read: Callable[[list[Block]], np.ndarray],
+    forward: Callable[[np.ndarray], np.ndarray],
+    output: _Output,
+    done: Callable[[Block], None],
+    prefetch: int,
+    io_threads: int,
+    stats: PredictionStats,
+) -> None:
+    """Read ahead, predict and write the batches, with reading and writing in threads.
+
+    At most ``prefetch`` batches are read ahead and ``prefetch`` batches of writes are
+    pending, which bounds memory; every future is cancelled on failure.
+    """
+    depth = max(prefetch, 1)
     reader = ThreadPoolExecutor(max_workers=max(io_threads, 1), thread_name_prefix="nahtlos-read")
     writer = ThreadPoolExecutor(max_workers=max(io_threads, 1), thread_name_prefix="nahtlos-write")
-    reads: deque[Future[np.ndarray]] = deque()
+    reads: deque[Future[np.ndarray]] = deque(reader.submit(read, b) for b in batches[:depth])
     writes: deque[tuple[Block, Future[None]]] = deque()
-    bar = tqdm(total=len(todo), unit="block", desc="predict", disable=not progress, leave=False)
-    next_read = 0
-
-    def submit_read() -> None:
-        nonlocal next_read
-        if next_read < len(batches):
-            reads.append(
-                reader.submit(
-                    _read_batch, image, batches[next_read], spatial_shape, channels, input_transform
-                )
-            )
-            next_read += 1
-
     try:
-        for _ in range(max(prefetch, 1)):
-            submit_read()
-        for batch in batches:
+        for i, batch in enumerate(batches):
             t0 = time.perf_counter()
             windows = reads.popleft().result()
-            submit_read()
+            if i + depth < len(batches):
+                reads.append(reader.submit(read, batches[i + depth]))
             t1 = time.perf_counter()
-            x = torch.from_numpy(windows).to(dev, dtype=dtype)
-            with torch.inference_mode():
-                y = model(x)
-                if output_transform is not None:
-                    y = output_transform(y)
-            if not isinstance(y, torch.Tensor):
-                raise TypeError(
-                    f"the model returned {type(y).__name__}; block-wise prediction needs a "
-                    "single tensor of shape (N, C, *window)"
-                )
-            if tuple(y.shape[2:]) != tuple(x.shape[2:]) or y.shape[0] != x.shape[0]:
-                raise ShapeMismatchError(
-                    f"the model returned shape {tuple(y.shape)} for the input window of shape "
-                    f"{tuple(x.shape)}; its output must keep the window's spatial shape "
-                    f"{tuple(x.shape[2:])} (use padded convolutions), or the window "
-                    f"{grid.window_shape} does not suit the network's down-sampling"
-                )
-            pred = y.detach().to("cpu", torch.float32).numpy()
+            pred = forward(windows)
             t2 = time.perf_counter()
             stats.forward += t2 - t1
-            if result is None:
-                shape = (int(pred.shape[1]), *spatial_shape)
-                result = np.zeros(shape, np.float32) if out is None else out(shape)
-            if tuple(result.shape) != (pred.shape[1], *spatial_shape):
-                raise ShapeMismatchError(
-                    f"the output array has shape {tuple(result.shape)} but the model predicts "
-                    f"{pred.shape[1]} channels for an image of spatial shape {spatial_shape}; "
-                    f"expected {(pred.shape[1], *spatial_shape)}"
-                )
+            result = output.ready(int(pred.shape[1]))
             for blk, p in zip(batch, pred, strict=True):
                 writes.append((blk, writer.submit(_write_block, result, blk, p)))
             # Bound memory: never more than `prefetch` batches of writes pending.
-            while len(writes) > max(prefetch, 1) * len(batch):
-                _finish_write(writes, on_block_done, bar)
+            while len(writes) > depth * len(batch):
+                _finish_write(writes, done)
             stats.windows_in_flight_max = max(
                 stats.windows_in_flight_max, len(writes) + len(reads) * batch_size
             )
             stats.waiting += (t1 - t0) + (time.perf_counter() - t2)
         while writes:
-            _finish_write(writes, on_block_done, bar)
+            _finish_write(writes, done)
     except BaseException:
         for f in list(reads) + [w for _, w in writes]:
             f.cancel()
@@ -328,24 +458,12 @@ def predict_blockwise(
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-    stats.blocks += len(todo)
-    stats.total += time.perf_counter() - t_start
-    if result is None:  # nothing to predict (e.g. every block already done)
-        result = out
-    return result
 
 
-def _finish_write(
-    writes: deque[tuple[Block, Future[None]]],
-    on_block_done: Callable[[Block], None] | None,
-    bar: Any,
-) -> None:
+def _finish_write(writes: deque[tuple[Block, Future[None]]], done: Callable[[Block], None]) -> None:
     blk, fut = writes.popleft()
     fut.result()
-    if on_block_done is not None:
-        on_block_done(blk)
-    bar.update(1)
+    done(blk)
 
 
 def predict_whole(
@@ -370,32 +488,14 @@ def predict_whole(
     numpy.ndarray
         ``(C_out, *spatial)`` float32.
     """
-    if ndim is None:
-        ndim = _infer_ndim(image)
-    channels = split_channels(image, ndim)
-    spatial_shape = tuple(int(s) for s in image.shape[-ndim:])
+    ndim, channels, spatial_shape = image_layout(image, ndim)
     align = as_per_axis(alignment, ndim, "alignment")
     whole = tuple(-(-n // max(a, 1)) * max(a, 1) for n, a in zip(spatial_shape, align, strict=True))
     grid = BlockGrid(spatial_shape, whole, halo, align)
-    arr = np.asarray(image[...], dtype=np.float32)
-    if not channels:
-        arr = arr[None]
-    if input_transform is not None:
-        arr = np.asarray(input_transform(arr), dtype=np.float32)
-    pad = [(0, 0)] + [
-        (h, p - n - h) for n, h, p in zip(spatial_shape, grid.halo, grid.padded_shape, strict=True)
-    ]
-    padded = np.pad(arr, pad)
-    if isinstance(model, torch.nn.Module):
-        if device is not None:
-            model.to(resolve_device(device))
-        dev, dtype = model_device_dtype(model)
-    else:
-        dev, dtype = resolve_device(device), torch.float32
-    with torch.inference_mode():
-        y = model(torch.from_numpy(padded[None]).to(dev, dtype=dtype))
-        if output_transform is not None:
-            y = output_transform(y)
+    before = tuple(-h for h in grid.halo)
+    padded = read_window(image, before, grid.padded_shape, channels, input_transform)
+    dev, dtype = place_model(model, device)
+    y = _apply(model, torch.from_numpy(padded[None]).to(dev, dtype=dtype), output_transform)
     if tuple(y.shape[2:]) != padded.shape[1:]:
         raise ShapeMismatchError(
             f"the model returned shape {tuple(y.shape)} for the padded image of shape "

@@ -1,140 +1,18 @@
+"""The resumable prediction store: blocks, resume, pyramid, labels, plain arrays."""
+
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
-import tifffile
 import zarr
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from skimage.transform import downscale_local_mean
 
 from nahtlos import open_image, save_image
 from nahtlos.engine.geometry import BlockGrid
-from nahtlos.errors import BlockShapeError, FormatError, IncompleteOutputError
-from nahtlos.io import ChunkCache, PredictionStore, check_output_path, open_source
+from nahtlos.errors import FormatError, IncompleteOutputError
+from nahtlos.io import PredictionStore, check_output_path, open_source
 
 UM = "micrometer"
-
-# (file name, save_image options, whether the format stores axes and scale)
-FORMATS = [
-    ("img.npy", {}, False),
-    ("img.tif", {}, True),
-    ("img.h5", {}, True),
-    ("v2.zarr", {"ome": None, "zarr_format": 2}, True),
-    ("v3.zarr", {"ome": None, "zarr_format": 3}, True),
-    ("ome04.zarr", {"ome": "0.4"}, True),
-    ("ome05.zarr", {"ome": "0.5"}, True),
-]
-
-
-@pytest.mark.parametrize(("name", "options", "has_meta"), FORMATS)
-@pytest.mark.parametrize("axes", ["czyx", "zyx", "yx"])
-def test_round_trip_data_axes_scale(tmp_path, name, options, has_meta, axes):
-    rng = np.random.default_rng(len(axes))
-    shape = {"c": 2, "z": 5, "y": 12, "x": 9}
-    data = rng.integers(0, 4000, [shape[a] for a in axes]).astype(np.uint16)
-    scale = tuple(1.0 if a == "c" else float(rng.uniform(0.1, 3.0)) for a in axes)
-    units = tuple(None if a == "c" else UM for a in axes)
-    path = save_image(tmp_path / name, data, axes=axes, scale=scale, units=units, **options)
-    src = open_source(path)
-    assert src.dtype == data.dtype
-    np.testing.assert_array_equal(np.asarray(src.array[...]), data)
-    if has_meta:
-        assert src.axes == tuple(axes) and src.axes_known
-        np.testing.assert_allclose(src.scale, scale, rtol=1e-6)
-        assert src.units == units
-    else:  # .npy stores no metadata: axes are guessed from the number of axes
-        assert not src.axes_known and src.scale == (1.0,) * len(axes)
-
-
-@settings(max_examples=15, deadline=None)
-@given(
-    shape=st.tuples(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
-    scale=st.tuples(*(st.floats(0.01, 100.0) for _ in range(3))),
-    version=st.sampled_from(["0.4", "0.5"]),
-)
-def test_ome_zarr_round_trip_property(tmp_path_factory, shape, scale, version):
-    path = tmp_path_factory.mktemp("ome") / "img.zarr"
-    data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
-    save_image(path, data, axes="zyx", scale=scale, units=(UM,) * 3, ome=version)
-    src = open_source(path)
-    np.testing.assert_array_equal(src.array[...], data)
-    np.testing.assert_allclose(src.scale, scale, rtol=1e-12)
-    assert src.axes == ("z", "y", "x") and src.levels == 1
-
-
-@pytest.mark.parametrize("version", ["0.4", "0.5"])
-def test_ome_zarr_levels(tmp_path, version):
-    data = np.random.default_rng(0).random((2, 6, 32, 24), dtype=np.float32)
-    path = save_image(
-        tmp_path / "img.zarr",
-        data,
-        axes="czyx",
-        scale=(1, 2.0, 0.5, 0.5),
-        ome=version,
-        pyramid_levels=2,
-    )
-    fmt = zarr.open_group(path, mode="r").info._zarr_format
-    assert fmt == (2 if version == "0.4" else 3)
-    full = open_source(path)
-    assert full.levels == 3
-    for level in (1, 2):
-        src = open_source(path, level=level)
-        f = 2**level
-        assert src.shape == (2, 6, 32 // f, 24 // f)
-        np.testing.assert_allclose(src.scale, (1, 2.0, 0.5 * f, 0.5 * f))
-        stored = zarr.open_group(path, mode="r")[f"s{level}"]
-        np.testing.assert_array_equal(open_image(path, level=level)[...], stored[...])
-    with pytest.raises(FormatError, match="3 resolution levels"):
-        open_source(path, level=3)
-    with pytest.raises(FormatError, match="single resolution level"):
-        save_image(tmp_path / "a.npy", data)
-        open_source(tmp_path / "a.npy", level=1)
-
-
-def test_imagej_tiff_axes_and_channel_view(tmp_path):
-    czyx = np.random.default_rng(1).integers(0, 255, (3, 4, 10, 8)).astype(np.uint8)
-    path = tmp_path / "ij.tif"
-    # ImageJ stores hyperstacks as TZCYX: the channel axis comes after z
-    tifffile.imwrite(
-        path,
-        czyx.transpose(1, 0, 2, 3),
-        imagej=True,
-        resolution=(4.0, 4.0),
-        metadata={"axes": "ZCYX", "spacing": 1.5, "unit": "um"},
-    )
-    src = open_source(path)
-    assert src.axes == ("z", "c", "y", "x")
-    assert src.axis_info("zyx") == ((1.5, 0.25, 0.25), (UM, UM, UM))
-    view = src.for_model(3)
-    assert view.axes == ("c", "z", "y", "x") and view.shape == czyx.shape
-    np.testing.assert_array_equal(view.array[...], czyx)
-    np.testing.assert_array_equal(view.array[1:3, :, 2:7, ::2], czyx[1:3, :, 2:7, ::2])
-
-
-def test_fiji_hdf5_element_size(tmp_path):
-    path = tmp_path / "fiji.h5"
-    with h5py.File(path, "w") as f:
-        f["raw"] = np.zeros((4, 6, 5), np.float32)
-        f["raw"].attrs["element_size_um"] = [2.0, 0.3, 0.3]
-    src = open_source(f"{path}:raw")
-    assert src.axis_info("zyx") == ((2.0, 0.3, 0.3), (UM, UM, UM))
-
-
-def test_for_model_drops_singletons_and_names_bad_axes(tmp_path):
-    tczyx = np.random.default_rng(2).random((1, 2, 1, 8, 7), dtype=np.float32)
-    path = save_image(tmp_path / "t.zarr", tczyx, axes="tczyx", scale=(1, 1, 3, 0.5, 0.5))
-    view = open_source(path).for_model(2)
-    assert view.axes == ("c", "y", "x")
-    np.testing.assert_array_equal(view.array[...], tczyx[0, :, 0])
-    assert view.axis_info("yx")[0] == (0.5, 0.5)
-    save_image(tmp_path / "t3.zarr", np.zeros((3, 4, 8, 7)), axes="tzyx")
-    with pytest.raises(BlockShapeError, match="3 entries along axis 't'"):
-        open_source(tmp_path / "t3.zarr").for_model(3)
-    save_image(tmp_path / "z.zarr", np.zeros((4, 8, 7)), axes="zyx")
-    with pytest.raises(BlockShapeError, match="4 z planes along axis 'z'"):
-        open_source(tmp_path / "z.zarr").for_model(2)
 
 
 def _filled_store(path, data, block, **kwargs):
@@ -188,8 +66,6 @@ def test_store_chunks_are_blocks_and_dtypes(tmp_path):
             np.testing.assert_array_equal(got, probs.astype(dtype))
 
 
-# (4, 16, 16): level 1 is pooled from each block as it is written, in half-block chunks;
-# (3, 15, 15): pooling boxes straddle blocks, so level 1 is built from level 0 at the end
 @pytest.mark.parametrize("block", [(4, 16, 16), (3, 15, 15)])
 def test_ome_zarr_output_reader_pyramid_and_labels(tmp_path, block):
     from ome_zarr.io import parse_url
@@ -299,26 +175,3 @@ def test_existing_non_nahtlos_zarr_is_not_resumed(tmp_path):
         PredictionStore.open(tmp_path / "other.zarr")
     with pytest.raises(FormatError, match=r"only \.zarr outputs"):
         check_output_path(tmp_path / "x.npy", resume=True)
-
-
-@settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_chunk_cache_reads_equal_direct_reads(data):
-    shape = data.draw(st.tuples(*(st.integers(1, 12) for _ in range(3))))
-    chunks = tuple(data.draw(st.integers(1, n)) for n in shape)
-    base = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
-    store = zarr.create_array(store={}, shape=shape, chunks=chunks, dtype=np.int32)
-    store[...] = base
-    capacity = data.draw(st.integers(1, 8))
-    cache = ChunkCache(store, capacity)
-    for _ in range(4):
-        key = []
-        for n in shape:
-            if data.draw(st.booleans()):
-                key.append(data.draw(st.integers(-n, n - 1)))
-            else:
-                a = data.draw(st.integers(0, n))
-                key.append(slice(a, data.draw(st.integers(a, n + 2))))
-        np.testing.assert_array_equal(cache[tuple(key)], base[tuple(key)])
-        assert len(cache._cache) <= capacity
-    np.testing.assert_array_equal(cache[...], base)
