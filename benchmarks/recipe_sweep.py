@@ -40,7 +40,7 @@ import numpy as np
 
 DATASETS = ("organoids", "plants", "embryo")
 REPORTED = ("foreground", "boundaries")
-VARIANTS = ("ema", "layerwise", "pooled", "precise", "whole")
+VARIANTS = ("ema", "layerwise", "pooled", "precise", "whole", "whole-layerwise")
 
 
 # ------------------------------------------------------------------------------ runs
@@ -173,9 +173,9 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
     from nahtlos.training.data import PatchSampler, open_volume
     from nahtlos.training.loop import train
     from nahtlos.training.recalibrate import (
-        image_patches,
         population_statistics,
         running_stat_layers,
+        volume_tiles,
     )
 
     torch.set_num_threads(1)
@@ -193,7 +193,7 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
     names = _class_names(run["dataset"])
     variants = ["ema"]
     if running_stat_layers(loaded.module):
-        variants += ["layerwise", "pooled", "precise", "whole"]
+        variants += ["layerwise", "pooled", "precise", "whole", "whole-layerwise"]
     sampler = PatchSampler(
         train_vols,
         config.data.patch,
@@ -207,15 +207,10 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
     rows = []
     for variant in variants:
         model = copy.deepcopy(loaded.module)
-        if variant == "whole":
-            tiles = [
-                p
-                for v in train_vols
-                for p in image_patches(
-                    [v.image], 2, config.data.patch, "all", input_transform=v.normalization
-                )
-            ]
-            population_statistics(model, tiles, "pooled", batch_size=8)
+        if variant.startswith("whole"):
+            tiles = volume_tiles(train_vols, config.data.patch)
+            how = "layerwise" if variant == "whole-layerwise" else "pooled"
+            population_statistics(model, tiles, how, batch_size=8)
         elif variant != "ema":
             population_statistics(
                 model, patches, variant, batch_size=1 if variant == "precise" else 8

@@ -30,10 +30,18 @@ def recalibrate(
         ),
     ] = None,
     patches: Annotated[
-        str, typer.Option(help="Random training-size patches in all, or 'all' (tile the images).")
-    ] = "32",
+        str,
+        typer.Option(
+            help="'all': tiles of the training patch size covering the images; or a number "
+            "of random patches."
+        ),
+    ] = "all",
     method: Annotated[
-        str, typer.Option(help="layerwise (eval mode, per-patch statistics), pooled or precise.")
+        str,
+        typer.Option(
+            help="layerwise (eval mode, per-patch statistics averaged), pooled (one "
+            "population) or precise (train-mode batch statistics)."
+        ),
     ] = "layerwise",
     seed: Annotated[int, typer.Option(help="Seed of the patch positions.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,

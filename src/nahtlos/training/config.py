@@ -32,6 +32,7 @@ from ..io import InputNormalization
 from ..nets.models import ConfigSection, ModelConfig
 from ..nets.norms import NORM_NAMES
 from .losses import LOSS_ACTIVATION, LOSSES, default_loss
+from .recalibrate import DEFAULT_RECALIBRATION, RECALIBRATION_METHODS
 from .schedules import DEFAULT_LR_SCHEDULE, LR_SCHEDULES
 
 __all__ = [
@@ -52,9 +53,12 @@ __all__ = [
 ]
 
 NORMS = NORM_NAMES
-# Training patches whose statistics replace the norms' running averages after training
-# (training.recalibrate); docs/training.md has the measurements that chose it.
-DEFAULT_RECALIBRATE_PATCHES = 32
+# What replaces the norms' running averages after training (train.recalibrate and
+# train.recalibrate_method); docs/training.md has the measurements that chose them.
+DEFAULT_RECALIBRATE: int | Literal["all"] = "all"
+# nnU-Net's share of foreground-oversampled patches; best on the sparse embryo data of the
+# sweep in docs/training.md.
+DEFAULT_FOREGROUND_BIAS = 0.33
 AXIS_NAMES = {2: "yx", 3: "zyx"}
 
 
@@ -112,7 +116,12 @@ class DataConfig(ConfigSection):
     )
     boundary_mode: Literal["thick", "inner", "outer"] = "thick"
     patch: list[int] | None = Field(default=None, description="default 96³ in 3D, 256² in 2D")
-    foreground_bias: float = Field(default=0.0, ge=0.0, le=1.0)
+    foreground_bias: float = Field(
+        default=DEFAULT_FOREGROUND_BIAS,
+        ge=0.0,
+        le=1.0,
+        description="probability of insisting on a patch that contains objects",
+    )
     flips: bool = True
     input_norm: InputNormConfig = Field(default_factory=lambda: InputNormConfig())
 
@@ -172,10 +181,13 @@ class TrainConfig(ConfigSection):
     loss_weights: LossWeights = Field(default_factory=lambda: LossWeights())
     seed: int = 0
     renorm: RenormConfig = Field(default_factory=lambda: RenormConfig())
-    recalibrate: int = Field(
-        default=DEFAULT_RECALIBRATE_PATCHES,
-        ge=0,
-        description="training patches for the norms' population statistics at the end; 0: off",
+    recalibrate: int | Literal["all"] = Field(
+        default=DEFAULT_RECALIBRATE,
+        description="the norms' population statistics at the end: over this many random "
+        "training patches, over 'all' (tiles covering the training regions), or 0: off",
+    )
+    recalibrate_method: str = Field(
+        default=DEFAULT_RECALIBRATION, description=f"one of {', '.join(RECALIBRATION_METHODS)}"
     )
     init: str | None = Field(
         default=None, description="start from this checkpoint's weights (fresh optimizer)"
@@ -191,6 +203,22 @@ class TrainConfig(ConfigSection):
     def _known_loss(cls, v: str | None) -> str | None:
         if v is not None and v not in LOSSES:
             raise ValueError(f"{v!r} is not a loss; choose one of {', '.join(LOSSES)}")
+        return v
+
+    @field_validator("recalibrate")
+    @classmethod
+    def _patches(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"{v} patches: give a number >= 0 (0: off) or 'all'")
+        return v
+
+    @field_validator("recalibrate_method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in RECALIBRATION_METHODS:
+            raise ValueError(
+                f"{v!r} is not a recalibration method; choose one of {', '.join(RECALIBRATION_METHODS)}"
+            )
         return v
 
     @field_validator("lr_schedule")

@@ -49,7 +49,7 @@ from .config import TrainingConfig, dump_config, upgrade_config, validate_config
 from .data import PatchSampler, Volume, open_volume, split_volume
 from .logs import CsvLog, plot_curves
 from .losses import loss_function
-from .recalibrate import DEFAULT_RECALIBRATION, recalibrate_model, running_stat_layers
+from .recalibrate import recalibrate_model, running_stat_layers, volume_tiles
 from .schedules import learning_rate
 from .validation import validate
 
@@ -351,18 +351,19 @@ class _Run:
     def recalibrate(self, before: dict[str, float] | None) -> dict[str, Any] | None:
         """Replace the running statistics by population statistics of the final network
         over ``train.recalibrate`` training patches; record validation before and after."""
-        count = self.config.train.recalibrate
+        cfg_t = self.config.train
+        count = cfg_t.recalibrate
         if count == 0 or not running_stat_layers(self.model):
             return None
-        # its own generator: the patches do not depend on (or move) the training's
-        sampler = _sampler(self.config, self.train_vols, self.config.train.seed + 1, False)
-        patches = [sampler.sample()[0] for _ in range(count)]
-        done = recalibrate_model(
-            self.model,
-            patches,
-            DEFAULT_RECALIBRATION,
-            batch_size=self.config.train.val_batch_size,
-        )
+        assert self.config.data.patch is not None
+        if count == "all":
+            patches = volume_tiles(self.train_vols, self.config.data.patch)
+        else:
+            # its own generator: the patches do not depend on (or move) the training's
+            sampler = _sampler(self.config, self.train_vols, cfg_t.seed + 1, False)
+            patches = [sampler.sample()[0] for _ in range(count)]
+        batch = cfg_t.batch_size if cfg_t.recalibrate_method == "precise" else cfg_t.val_batch_size
+        done = recalibrate_model(self.model, patches, cfg_t.recalibrate_method, batch_size=batch)
         if before is not None:
             done.before = self.scores(before)
             done.after = self.scores(self.validate())

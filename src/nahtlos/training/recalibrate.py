@@ -63,6 +63,7 @@ __all__ = [
     "recalibrate_checkpoint",
     "recalibrate_model",
     "running_stat_layers",
+    "volume_tiles",
 ]
 
 RECALIBRATION_METHODS: tuple[str, ...] = ("layerwise", "pooled", "precise")
@@ -173,6 +174,20 @@ def image_patches(
             for i in picks
         ]
     return [_read_patch(images[i], o, patch, ndim, input_transform) for i, o in origins]
+
+
+def volume_tiles(volumes: Sequence[Volume], patch: Sequence[int]) -> list[np.ndarray]:
+    """Input-normalized ``(C, *patch)`` tiles covering the regions of training volumes
+    (non-overlapping; the last ones along an axis moved inward to fit)."""
+    tiles = []
+    for vol in volumes:
+        starts = [r.start for r in vol.region]
+        for origin in _tile_origins(vol.region_shape, patch):
+            region = tuple(
+                slice(s + o, s + o + p) for s, o, p in zip(starts, origin, patch, strict=True)
+            )
+            tiles.append(vol.read_image(region))
+    return tiles
 
 
 def _tile_origins(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, ...]]:
@@ -401,7 +416,7 @@ def recalibrate_checkpoint(
     dst: str | os.PathLike[str],
     images: Sequence[str | os.PathLike[str]],
     *,
-    patches: int | str = 32,
+    patches: int | str = "all",
     method: str = DEFAULT_RECALIBRATION,
     labels: Sequence[str | os.PathLike[str]] = (),
     seed: int = 0,
@@ -410,8 +425,9 @@ def recalibrate_checkpoint(
 ) -> Recalibration:
     """Recalibrate a nahtlos checkpoint on images and write the result to ``dst``.
 
-    The network is rebuilt from the checkpoint; patches of its training patch size are
-    drawn from ``images`` (normalized with the checkpoint's input normalization, fitted
+    The network is rebuilt from the checkpoint; patches of its training patch size
+    (tiles covering the images with ``patches="all"``, else random ones) are taken from
+    ``images`` (normalized with the checkpoint's input normalization, fitted
     on each image) and :func:`population_statistics` replaces the running statistics.
     With ``labels`` (one per image), block-wise Dice in eval and train mode and the
     train/eval disparity are measured on the images before and after. The new file is a

@@ -21,7 +21,7 @@ LR_SCHEDULES: tuple[str, ...] = ("constant", "poly", "cosine")
 """The names of ``train.lr_schedule``."""
 
 # The user default; docs/training.md has the sweep that chose it.
-DEFAULT_LR_SCHEDULE = "poly"
+DEFAULT_LR_SCHEDULE = "constant"
 
 POLY_EXPONENT = 0.9
 """nnU-Net's exponent of the polynomial decay."""
