@@ -37,7 +37,7 @@ from .nets import (
     recommend_halo,
 )
 from .nets.norms import install_monai_hook
-from .training import TrainingConfig, load_config, train
+from .training import TrainingConfig, load_config, recalibrate_model, train
 
 # `UNet(norm="batchrenorm")` must work after `import nahtlos`, without importing MONAI
 # (seconds) when it is not used.
@@ -67,6 +67,7 @@ __all__ = [
     "predict_file",
     "predict_whole",
     "receptive_field",
+    "recalibrate_model",
     "recommend_halo",
     "save_image",
     "tile_mismatch",

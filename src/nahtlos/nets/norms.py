@@ -1,4 +1,4 @@
-"""Normalization layers: Batch Renormalization, its schedule, a norm factory and conversion.
+"""Normalization layers: Batch Renormalization, its schedule, and a norm factory.
 
 Tile-wise feature normalization (InstanceNorm, GroupNorm) makes every output pixel depend
 on the whole tile, so tiled predictions cannot stitch seamlessly; BatchNorm is seamless
@@ -13,7 +13,6 @@ training and inference normalize alike and tiles stitch exactly. See DESIGN.md Â
 * :class:`RenormSchedule`: the r_max/d_max warm-up and ramp, applied by optimizer step.
 * :func:`make_norm`, :func:`monai_norm`: norm layers by name (:data:`NORM_NAMES`), for
   plain PyTorch and for MONAI networks' ``norm=`` argument.
-* :func:`convert_norms`, :func:`convert_model_file`: swap the norm layers of any model.
 """
 
 from __future__ import annotations

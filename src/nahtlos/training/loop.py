@@ -1,21 +1,24 @@
-"""Training with the paper's recipe, checkpoints, and exact resume.
+"""Training: the optimizer loop, checkpoints, exact resume, recalibration at the end.
 
-The recipe (paper, Appendix A): Adam (lr 1e-3), batch size 1 with gradient
-accumulation over 8 micro-batches, random patches with random flips, a Dice loss
-averaged over the channels that are not empty in the label patch, and for BatchRenorm
-the r_max/d_max schedule stepped once per *optimizer* step. Validation predicts the
-validation region block-wise (:func:`~nahtlos.engine.predict.predict_blockwise`), in eval mode
-and in train mode on the very same windows, and reports Dice per class in both modes
-and their train/eval disparity; it leaves the model exactly as it found it.
+The recipe: Adam, batch size x gradient accumulation, random patches (a share of them
+insisting on objects, ``data.foreground_bias``) with random flips, a loss by name
+(``train.loss``: by default Dice over the classes present in the patch plus
+cross-entropy; ``dice`` is the paper's, Appendix A), a learning rate by schedule
+(``train.lr_schedule``), and for BatchRenorm the r_max/d_max schedule stepped once per
+*optimizer* step. Validation predicts the validation region block-wise, in eval mode and
+in train mode on the very same windows (:mod:`.validation`), and leaves the model as it
+found it. At the end, BatchNorm/BatchRenorm running statistics are replaced by population
+statistics of the final network (``train.recalibrate``, :mod:`.recalibrate`).
 
 A run writes into its output folder::
 
-    config.yaml             the resolved configuration
-    log.csv                 step, loss, seconds, r_max, d_max per optimizer step
+    config.yaml             the resolved configuration (defaults filled in)
+    log.csv                 step, loss, lr, seconds, r_max, d_max per optimizer step
     validation.csv          step, dice_eval_<class>, dice_train_<class>, disparity_<class>
+    recalibration.json      validation before and after recalibration (if any)
     curves.png              loss and validation Dice against steps
-    checkpoints/step-N.pt   checkpoints (see nahtlos.nets.checkpoint for the format)
-    model.pt                the final checkpoint: ``nahtlos predict model.pt ...``
+    checkpoints/step-N.pt   checkpoints with the moving averages (resume from these)
+    model.pt                the final network: ``nahtlos predict model.pt ...``
 
 Resuming from a checkpoint restores weights, optimizer, schedule, the patch sampler
 and every random state, so the resumed run continues exactly as if never interrupted
