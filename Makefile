@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/nahtlos demo
 
-# Retrain the networks shipped in src/nahtlos/pretrained/ (docs/pretrained.md; about
+# Retrain the networks shipped in src/nahtlos/paper/pretrained/ (docs/pretrained.md; about
 # 1.5 hours on 2 CPU cores): training data, two `nahtlos train` runs (their configs in
 # pretrained/ write to build/pretrained/), prediction-only export.
 pretrained: $(STAMP)
@@ -36,7 +36,7 @@ pretrained: $(STAMP)
 	for norm in instance batchrenorm; do \
 	  $(VENV)/bin/nahtlos train pretrained/embryo-$$norm.yaml && \
 	  $(VENV)/bin/nahtlos export build/pretrained/embryo-$$norm/model.pt \
-	    src/nahtlos/pretrained/embryo-$$norm.pt --overwrite || exit 1; \
+	    src/nahtlos/paper/pretrained/embryo-$$norm.pt --overwrite || exit 1; \
 	done
 
 lint: $(STAMP)

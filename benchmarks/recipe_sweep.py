@@ -165,8 +165,11 @@ def _evaluate(model: Any, meta: dict[str, Any], config: Any, vols: list[Any]) ->
     )
 
 
-def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
-    """Train one network and evaluate it as trained and after each recalibration."""
+def _one(
+    run: dict[str, Any], root: str, skip: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """Train one network (unless its run folder has it) and evaluate it as trained and
+    after each recalibration method not in ``skip``."""
     import torch
 
     from nahtlos.nets.checkpoint import load_model
@@ -183,9 +186,11 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
     out = Path(root) / "runs" / _key(run).replace("|", "_")
     config = _config(run, files, out)
     t0 = time.perf_counter()
-    result = train(config, progress=False)
+    checkpoint = out / "model.pt"
+    if not checkpoint.exists():
+        checkpoint = train(config, progress=False).checkpoint
     seconds = time.perf_counter() - t0
-    loaded = load_model(result.checkpoint)
+    loaded = load_model(checkpoint)
     meta = loaded.metadata
     norm = config.data.input_norm.build()
     vols = [open_volume(f["image"], f["labels"], 2, input_norm=norm) for f in files["val"]]
@@ -205,7 +210,7 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
     )
     patches = [sampler.sample()[0] for _ in range(32)]
     rows = []
-    for variant in variants:
+    for variant in [v for v in variants if v not in skip]:
         model = copy.deepcopy(loaded.module)
         if variant.startswith("whole"):
             tiles = volume_tiles(train_vols, config.data.patch)
@@ -227,11 +232,15 @@ def _one(run: dict[str, Any], root: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ driver
 
 
-def _done(csv_path: Path) -> set[str]:
+def _done(csv_path: Path) -> dict[str, frozenset[str]]:
+    """The variants evaluated so far, per run key."""
     if not csv_path.exists():
-        return set()
+        return {}
+    found: dict[str, set[str]] = defaultdict(set)
     with csv_path.open(newline="") as f:
-        return {r["key"] for r in csv.DictReader(f)}
+        for r in csv.DictReader(f):
+            found[r["key"]].add(r["variant"])
+    return {k: frozenset(v) for k, v in found.items()}
 
 
 def _append(csv_path: Path, rows: list[dict[str, Any]]) -> None:
@@ -253,13 +262,19 @@ def sweep(args: argparse.Namespace) -> None:
     root.mkdir(parents=True, exist_ok=True)
     csv_path = root / "sweep.csv"
     done = _done(csv_path)
-    todo = [r for r in _runs(args) if _key(r) not in done]
+    # a run is done when every variant is; BatchNorm-free runs have only "ema"
+    todo = [
+        r
+        for r in _runs(args)
+        if not done.get(_key(r), frozenset())
+        >= (frozenset({"ema"}) if r["norm"] == "instance" else frozenset(VARIANTS))
+    ]
     for d in {r["dataset"] for r in todo}:
         _data(root, d)  # once, before the workers race for it
     print(f"{len(todo)} runs to do ({len(done)} done), {args.workers} workers")
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(_one, r, str(root)): r for r in todo}
+        futures = {pool.submit(_one, r, str(root), done.get(_key(r), frozenset())): r for r in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             rows = fut.result()
             _append(csv_path, rows)

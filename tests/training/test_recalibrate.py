@@ -203,7 +203,7 @@ def _config(files, tmp_path, norm="batch", **train):
 def test_batchnorm_with_batch_one_loses_its_disparity(files, tmp_path):
     result = train(_config(files, tmp_path, recalibrate=16), progress=False)
     rec = result.recalibration
-    assert rec is not None and rec["method"] == "layerwise" and rec["patches"] == 16
+    assert rec is not None and rec["method"] == "pooled" and rec["patches"] == 16
     before, after = np.mean(rec["before"]["disparity"]), np.mean(rec["after"]["disparity"])
     assert after < before, (before, after)
     meta = read_checkpoint(tmp_path / "run" / "model.pt")["prediction"]
@@ -231,7 +231,7 @@ def test_cli_recalibrate_writes_a_new_checkpoint(files, tmp_path):
     assert result.exit_code == 0, result.output
     layers = len(running_stat_layers(load_model(src).module))
     assert layers >= 4
-    assert f"recalibrated {layers} layers (layerwise, 8 patches)" in result.output
+    assert f"recalibrated {layers} layers (pooled, 8 patches)" in result.output
     assert "train/eval disparity per class, before -> after" in result.output
     meta = load_model(dst).metadata
     assert meta["recalibration"]["patches"] == 8
@@ -239,3 +239,16 @@ def test_cli_recalibrate_writes_a_new_checkpoint(files, tmp_path):
     assert again.exit_code == 2 and "exists" in again.output
     bad = runner.invoke(app, [*args, "--overwrite", "--patches", "x", "--no-progress"])
     assert bad.exit_code == 2 and "--patches 'x'" in bad.output
+
+
+def test_auto_recalibrates_batchnorm_networks_and_leaves_batchrenorm_alone(files, tmp_path):
+    cfg = _config(files, tmp_path, steps=3)
+    assert cfg.train.recalibrate == "auto" and cfg.train.recalibrate_method == "pooled"
+    result = train(cfg, progress=False)
+    assert result.recalibration is not None and result.recalibration["method"] == "pooled"
+    # 'all': the tiles covering the training half (48 x 96 pixels -> 2 x 3 tiles of 32)
+    assert result.recalibration["patches"] == 6
+    brn = _config(files, tmp_path / "brn", norm="batchrenorm", steps=3)
+    assert train(brn, progress=False).recalibration is None
+    forced = _config(files, tmp_path / "forced", norm="batchrenorm", steps=3, recalibrate="all")
+    assert train(forced, progress=False).recalibration is not None

@@ -39,10 +39,11 @@ def recalibrate(
     method: Annotated[
         str,
         typer.Option(
-            help="layerwise (eval mode, per-patch statistics averaged), pooled (one "
-            "population) or precise (train-mode batch statistics)."
+            help="pooled (all voxels as one population), layerwise (per-patch statistics "
+            "averaged) or precise (train-mode batch statistics); each layer in eval mode "
+            "after the ones before it, except precise."
         ),
-    ] = "layerwise",
+    ] = "pooled",
     seed: Annotated[int, typer.Option(help="Seed of the patch positions.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,

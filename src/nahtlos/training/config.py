@@ -54,8 +54,9 @@ __all__ = [
 
 NORMS = NORM_NAMES
 # What replaces the norms' running averages after training (train.recalibrate and
-# train.recalibrate_method); docs/training.md has the measurements that chose them.
-DEFAULT_RECALIBRATE: int | Literal["all"] = "all"
+# train.recalibrate_method); docs/training.md has the measurements that chose them:
+# BatchNorm networks gain from population statistics, BatchRenorm networks lose.
+DEFAULT_RECALIBRATE: int | Literal["all", "auto"] = "auto"
 # nnU-Net's share of foreground-oversampled patches; best on the sparse embryo data of the
 # sweep in docs/training.md.
 DEFAULT_FOREGROUND_BIAS = 0.33
@@ -181,10 +182,11 @@ class TrainConfig(ConfigSection):
     loss_weights: LossWeights = Field(default_factory=lambda: LossWeights())
     seed: int = 0
     renorm: RenormConfig = Field(default_factory=lambda: RenormConfig())
-    recalibrate: int | Literal["all"] = Field(
+    recalibrate: int | Literal["all", "auto"] = Field(
         default=DEFAULT_RECALIBRATE,
         description="the norms' population statistics at the end: over this many random "
-        "training patches, over 'all' (tiles covering the training regions), or 0: off",
+        "training patches, over 'all' (tiles covering the training regions), 'auto' ('all' "
+        "for BatchNorm networks, off for BatchRenorm ones), or 0: off",
     )
     recalibrate_method: str = Field(
         default=DEFAULT_RECALIBRATION, description=f"one of {', '.join(RECALIBRATION_METHODS)}"

@@ -52,7 +52,12 @@ from .config import TrainingConfig, dump_config, upgrade_config, validate_config
 from .data import PatchSampler, Volume, open_volume, split_volume
 from .logs import CsvLog, plot_curves
 from .losses import loss_function
-from .recalibrate import recalibrate_model, running_stat_layers, volume_tiles
+from .recalibrate import (
+    recalibrate_model,
+    recalibrates_by_default,
+    running_stat_layers,
+    volume_tiles,
+)
 from .schedules import learning_rate
 from .validation import validate
 
@@ -356,6 +361,8 @@ class _Run:
         over ``train.recalibrate`` training patches; record validation before and after."""
         cfg_t = self.config.train
         count = cfg_t.recalibrate
+        if count == "auto":
+            count = "all" if recalibrates_by_default(self.model) else 0
         if count == 0 or not running_stat_layers(self.model):
             return None
         assert self.config.data.patch is not None

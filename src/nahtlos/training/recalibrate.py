@@ -7,20 +7,28 @@ with batch size 1 the statistics of single patches. Eval-mode prediction (and th
 every seamless tiled prediction) uses them. Recalibration replaces them by statistics of
 the *final* network over a set of training patches, computed exactly (no moving average):
 
-``layerwise`` (default)
+``pooled`` (default)
     Layer by layer in eval mode, in the order the network calls them: each layer gets
-    the mean over the patches of its input's per-patch channel means and (biased)
-    variances, and the deeper layers see inputs normalized with the already recalibrated
-    shallower ones, as they will at prediction time.
-``pooled``
-    Layer by layer in eval mode too, but the variance is the pooled variance of all
-    voxels of all patches (within- *and* between-patch variance). With ``patches="all"``
-    (non-overlapping tiles covering the images) these are the statistics of the whole
-    volume.
+    the mean and (biased) variance of all voxels of all patches at its input, as one
+    population (within- *and* between-patch variance), and the deeper layers see inputs
+    normalized with the already recalibrated shallower ones, as they will at prediction
+    time. With ``patches="all"`` (non-overlapping tiles covering the images) these are
+    the statistics of the whole training data.
+``layerwise``
+    The same, but each layer gets the mean over the patches of its input's per-patch
+    channel means and variances (within-patch variance only).
 ``precise``
     The classic "precise BN": train-mode forwards (the layers normalize with batch
     statistics, as in training) over batches of patches, averaging each layer's batch
     means and variances.
+
+Which networks gain (docs/training.md): BatchNorm networks, whose moving averages lag
+behind the final weights, gain eval-mode Dice; ``nahtlos train`` recalibrates them by
+default (``train.recalibrate: auto``). BatchRenorm networks normalize with their running
+statistics already in training, so those statistics belong to the network: with
+today's recipe recalibrating them lost Dice on every dataset measured, and ``auto``
+leaves them alone. Networks trained with the paper's recipe (Dice loss, oversampled
+foreground) can still gain (``nahtlos recalibrate``).
 
 Only running statistics change (``running_mean``, ``running_var``; a BatchRenorm layer
 stores σ² - eps as ``running_var`` with σ² the biased variance plus eps, so the stored
@@ -62,6 +70,7 @@ __all__ = [
     "population_statistics",
     "recalibrate_checkpoint",
     "recalibrate_model",
+    "recalibrates_by_default",
     "running_stat_layers",
     "volume_tiles",
 ]
@@ -71,7 +80,7 @@ RECALIBRATION_METHODS: tuple[str, ...] = ("layerwise", "pooled", "precise")
 
 # The method of `nahtlos train` and `nahtlos recalibrate`; docs/training.md has the
 # comparison that chose it.
-DEFAULT_RECALIBRATION = "layerwise"
+DEFAULT_RECALIBRATION = "pooled"
 
 
 class RecalibrationError(NahtlosError, ValueError):
@@ -114,6 +123,14 @@ class Recalibration:
             "before": self.before,
             "after": self.after,
         }
+
+
+def recalibrates_by_default(model: nn.Module) -> bool:
+    """Whether ``train.recalibrate: auto`` recalibrates ``model``: BatchNorm networks yes
+    (their moving averages lag behind the final weights), BatchRenorm networks no (they
+    were trained normalizing with their running statistics, which therefore belong to the
+    network; recalibrating them cost Dice in every measurement of docs/training.md)."""
+    return bool(running_stat_layers(model)) and not batchrenorm_layers(model)
 
 
 def running_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
