@@ -342,39 +342,104 @@ def report(args: argparse.Namespace) -> None:
         line += f" {np.mean(fgs):.3f} / {np.mean(bds):.3f} | {np.mean(dis):.3f} |"
         print(line)
     if args.figure:
-        _figure(table, datasets, root / "sweep.png")
+        _figure(rows, root / "sweep.png")
 
 
-def _figure(
-    table: dict[tuple[str, ...], dict[str, tuple[float, float, float, int]]],
-    datasets: list[str],
-    path: Path,
-) -> None:
+def _figure(rows: list[dict[str, str]], path: Path) -> None:
+    """One panel per decision: mean over datasets and seeds of foreground and boundary
+    Dice (eval mode), BatchRenorm beside InstanceNorm (and BatchNorm where measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in sorted(table) if k[-1] in ("ema", "layerwise")]
-    fig, axes = plt.subplots(
-        1, len(datasets), figsize=(5 * len(datasets), 0.32 * len(keys) + 1.5), sharey=True
-    )
-    axes = np.atleast_1d(axes)
-    labels = [f"{k[0][:5]} {k[1]} {k[2]} fg{k[3]} w{k[4]} m{k[6]} [{k[8]}]" for k in keys]
-    for ax, d in zip(axes, datasets, strict=True):
-        y = np.arange(len(keys))
-        fg = [table[k].get(d, (np.nan,) * 4)[0] for k in keys]
-        bd = [table[k].get(d, (np.nan,) * 4)[1] for k in keys]
-        ax.barh(y - 0.2, fg, 0.4, label="foreground")
-        ax.barh(y + 0.2, bd, 0.4, label="boundaries")
-        ax.set_title(d)
-        ax.set_xlim(0, 1)
-        ax.set_yticks(y, labels, fontsize=7)
+    def mean(norm: str, variant: str = "ema", **fields: Any) -> tuple[float, float]:
+        sel = [
+            r
+            for r in rows
+            if r["norm"] == norm
+            and r["variant"] == variant
+            and all(str(r[k]) == str(v) for k, v in fields.items())
+        ]
+        if not sel:
+            return (float("nan"), float("nan"))
+        return (
+            float(np.mean([_f(r["dice_eval_foreground"]) for r in sel])),
+            float(np.mean([_f(r["dice_eval_boundaries"]) for r in sel])),
+        )
+
+    base = {"loss": "dice_bce", "schedule": "constant", "fg": "0.33", "warm": "0.2"}
+    base |= {"ramp": "0.2", "momentum": "0.01", "steps": "1200"}
+    panels: list[tuple[str, list[tuple[str, str, str, dict[str, Any]]]]] = [
+        (
+            "loss x lr schedule (fg bias 0)",
+            [
+                (
+                    f"{lo} {sc} {st}",
+                    n,
+                    "ema",
+                    {**base, "loss": lo, "schedule": sc, "fg": "0.0", "steps": st},
+                )
+                for st in ("400", "1200")
+                for lo in ("dice", "dice_bce")
+                for sc in ("constant", "poly", "cosine")
+                for n in ("batchrenorm", "instance")
+                if lo == "dice_bce" or st == "400"
+                if sc != "cosine" or st == "400"
+            ],
+        ),
+        (
+            "foreground bias",
+            [
+                (f"fg {fg}", n, "ema", {**base, "fg": fg})
+                for fg in ("0.0", "0.33", "0.67")
+                for n in ("batchrenorm", "instance")
+            ],
+        ),
+        (
+            "BatchRenorm warm-up/ramp, momentum",
+            [
+                (
+                    f"{w}/{r} m{m}",
+                    "batchrenorm",
+                    "ema",
+                    {**base, "warm": w, "ramp": r, "momentum": m},
+                )
+                for w, r in (("0.1", "0.1"), ("0.2", "0.2"), ("0.4", "0.3"))
+                for m in ("0.01", "0.05")
+            ],
+        ),
+        (
+            "statistics after training",
+            [
+                (v, n, v, base)
+                for n in ("batchrenorm", "batch")
+                for v in ("ema", "layerwise", "pooled", "precise", "whole", "whole-layerwise")
+            ],
+        ),
+    ]
+    colors = {"batchrenorm": "C0", "instance": "C1", "batch": "C2"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(22, 7))
+    for ax, (title, bars) in zip(axes, panels, strict=True):
+        labels = []
+        for k, (label, norm, variant, fields) in enumerate(bars):
+            fg, bd = mean(norm, variant, **fields)
+            ax.barh(k - 0.2, fg, 0.4, color=colors[norm], alpha=0.45)
+            ax.barh(k + 0.2, bd, 0.4, color=colors[norm])
+            labels.append(f"{label} [{norm}]")
+        ax.set_yticks(range(len(bars)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0.3, 1.0)
         ax.grid(axis="x", alpha=0.3)
-    axes[0].legend(loc="lower right")
-    fig.suptitle("eval-mode Dice, mean over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.set_title(title, fontsize=10)
+    handles = [matplotlib.patches.Patch(color=c, label=n) for n, c in colors.items()] + [
+        matplotlib.patches.Patch(color="0.5", alpha=0.45, label="foreground (light)"),
+        matplotlib.patches.Patch(color="0.5", label="boundaries (dark)"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=9)
+    fig.suptitle("eval-mode Dice, mean over organoids, plants, embryo (2D) and 3 seeds")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(path, dpi=100)
     print(f"wrote {path}")
 
 
