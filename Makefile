@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/nahtlos demo
 
 # Retrain the networks shipped in src/nahtlos/paper/pretrained/ (docs/pretrained.md; about
-# 1.5 hours on 2 CPU cores): training data, two `nahtlos train` runs (their configs in
+# 10 minutes on 2 CPU cores): training data, two `nahtlos train` runs (their configs in
 # pretrained/ write to build/pretrained/), prediction-only export.
 pretrained: $(STAMP)
 	mkdir -p build/pretrained
