@@ -10,6 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import nuclei
 from nahtlos.analysis.metrics import binarize, dice_per_channel
 from nahtlos.cli import app
 from nahtlos.engine.predict import predict_blockwise, predict_whole
@@ -24,23 +25,9 @@ from nahtlos.training.loop import train, validate
 runner = CliRunner()
 
 
-def _nuclei(shape=(96, 96), n=40, seed=0):
-    """Bright, touching round nuclei on a noisy background, with instance labels."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
-    labels = np.zeros(shape, np.int32)
-    for i in range(1, n + 1):
-        centre = rng.uniform(0, shape)
-        radius = rng.uniform(3, 7)
-        inside = ((grid - centre) ** 2).sum(-1) < radius**2
-        labels[inside & (labels == 0)] = i
-    image = 200.0 * (labels > 0) + rng.normal(50, 15, shape)
-    return image.astype(np.float32), labels
-
-
 @pytest.fixture
 def files(tmp_path):
-    image, labels = _nuclei()
+    image, labels = nuclei()
     tifffile.imwrite(tmp_path / "image.tif", image)
     np.save(tmp_path / "labels.npy", labels)
     return str(tmp_path / "image.tif"), str(tmp_path / "labels.npy")
@@ -378,7 +365,7 @@ def test_checkpoint_predicts_through_the_cli_alone(files, tmp_path):
     assert meta["input_normalization"]["mode"] == "global"
     assert meta["halo"] == [12, 12] and meta["alignment"] == [4, 4]
 
-    other, _ = _nuclei((60, 76), seed=5)
+    other, _ = nuclei((60, 76), seed=5)
     np.save(tmp_path / "other.npy", other * 3 + 100)
     out = tmp_path / "pred.zarr"
     result = runner.invoke(
@@ -447,7 +434,7 @@ def test_cli_short_form_and_config_errors(files, tmp_path):
     ids=["unetr-2d", "unet-3d"],
 )
 def test_unetr_and_3d_runs_predict_from_their_checkpoints(tmp_path, shape, model, patch):
-    image, labels = _nuclei(shape, n=8, seed=2)
+    image, labels = nuclei(shape, n=8, seed=2)
     tifffile.imwrite(tmp_path / "img.tif", image)
     np.save(tmp_path / "lab.npy", labels)
     volume = {"image": str(tmp_path / "img.tif"), "labels": str(tmp_path / "lab.npy")}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import nuclei
 from nahtlos.cli import app
 from nahtlos.nets.checkpoint import load_model, read_checkpoint
 from nahtlos.nets.norms import BatchRenorm2d
@@ -157,20 +158,9 @@ def test_image_patches_random_and_tiling(rng):
 # ------------------------------------------------------------------------------ training
 
 
-def _nuclei(shape=(96, 96), n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
-    labels = np.zeros(shape, np.int32)
-    for i in range(1, n + 1):
-        inside = ((grid - rng.uniform(0, shape)) ** 2).sum(-1) < rng.uniform(3, 7) ** 2
-        labels[inside & (labels == 0)] = i
-    image = 200.0 * (labels > 0) + rng.normal(50, 15, shape) + np.linspace(0, 80, shape[1])
-    return image.astype(np.float32), labels
-
-
 @pytest.fixture
 def files(tmp_path):
-    image, labels = _nuclei()
+    image, labels = nuclei(gradient=80)
     tifffile.imwrite(tmp_path / "image.tif", image)
     np.save(tmp_path / "labels.npy", labels)
     return str(tmp_path / "image.tif"), str(tmp_path / "labels.npy")

@@ -338,7 +338,7 @@ def _set_statistics(layer: nn.Module, mean: np.ndarray, var: np.ndarray) -> None
 def population_statistics(
     model: nn.Module,
     patches: Sequence[np.ndarray],
-    method: str = "layerwise",
+    method: str = DEFAULT_RECALIBRATION,
     *,
     batch_size: int = 1,
     progress: bool = False,
@@ -418,7 +418,7 @@ def _numpy(layer: nn.Module, name: str) -> np.ndarray:
 def recalibrate_model(
     model: nn.Module,
     patches: Sequence[np.ndarray],
-    method: str = "layerwise",
+    method: str = DEFAULT_RECALIBRATION,
     *,
     batch_size: int = 1,
     progress: bool = False,
