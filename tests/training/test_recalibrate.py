@@ -242,3 +242,16 @@ def test_auto_recalibrates_batchnorm_networks_and_leaves_batchrenorm_alone(files
     assert train(brn, progress=False).recalibration is None
     forced = _config(files, tmp_path / "forced", norm="batchrenorm", steps=3, recalibrate="all")
     assert train(forced, progress=False).recalibration is not None
+
+
+def test_recalibrating_a_finished_run_by_resuming_it(files, tmp_path):
+    cfg = _config(files, tmp_path, steps=4, recalibrate=0)
+    assert train(cfg, progress=False).recalibration is None
+    again = cfg.model_copy(deep=True)
+    again.train.recalibrate = "all"
+    last = tmp_path / "run" / "checkpoints" / "step-000004.pt"
+    result = train(again, resume=last, progress=False)
+    rec = result.recalibration
+    assert result.losses == [] and rec is not None
+    assert rec["before"] is not None and rec["after"] is not None  # validated before, too
+    assert rec["before"] != rec["after"]

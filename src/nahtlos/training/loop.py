@@ -372,10 +372,12 @@ class _Run:
             # its own generator: the patches do not depend on (or move) the training's
             sampler = _sampler(self.config, self.train_vols, cfg_t.seed + 1, False)
             patches = [sampler.sample()[0] for _ in range(count)]
+        before_scores = self.scores(self.validate()) if self.val_vols and before is None else None
         batch = cfg_t.batch_size if cfg_t.recalibrate_method == "precise" else cfg_t.val_batch_size
         done = recalibrate_model(self.model, patches, cfg_t.recalibrate_method, batch_size=batch)
-        if before is not None:
-            done.before = self.scores(before)
+        if self.val_vols:
+            # a run resumed at its last step has validated nothing yet
+            done.before = self.scores(before) if before is not None else before_scores
             done.after = self.scores(self.validate())
         summary = done.to_dict()
         (self.out / "recalibration.json").write_text(json.dumps(summary, indent=2) + "\n")
