@@ -317,6 +317,14 @@ def test_config_errors_name_the_field(files, tmp_path):
     assert "num_classes" in error(lambda d: d["data"].update(labels="semantic"))
     assert "data.train" in error(lambda d: d["data"].pop("train"))
     assert "data.patch" in error(lambda d: d["data"].update(patch=[32, 32, 32]))
+    msg = error(lambda d: d["train"].update(loss="focal"))
+    assert "train.loss" in msg and "'focal'" in msg and "dice, dice_bce, dice_ce" in msg
+    msg = error(lambda d: d["train"].update(lr_schedule="step"))
+    assert "train.lr_schedule" in msg and "'step'" in msg and "constant, poly, cosine" in msg
+    msg = error(lambda d: d["train"].update(recalibrate_method="ema"))
+    assert "'ema'" in msg and "pooled" in msg
+    assert "needs model.activation 'softmax'" in error(lambda d: d["train"].update(loss="dice_ce"))
+    assert len(error(lambda d: d["train"].update(loss="focal")).splitlines()) == 1
 
 
 def test_yaml_file_with_overrides(files, tmp_path):
