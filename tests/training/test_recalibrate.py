@@ -153,6 +153,13 @@ def test_image_patches_random_and_tiling(rng):
     assert len(drawn) == 7 and all(np.array_equal(a, b) for a, b in zip(drawn, again, strict=True))
     single = image_patches([image[0]], 2, (8, 8), 2)
     assert single[0].shape == (1, 8, 8)
+    # tile-wise input normalization sees each (1, *patch) tile whole, as in prediction
+    from nahtlos.io import InputNormalization
+
+    norm = InputNormalization(mode="tilewise")
+    plain = image[0]
+    tiles = image_patches([plain], 2, (8, 16), "all", input_transform=norm)
+    np.testing.assert_allclose(tiles[0], norm(plain[None, :8, :16]), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------ training
@@ -227,8 +234,9 @@ def test_cli_recalibrate_writes_a_new_checkpoint(files, tmp_path):
     assert meta["recalibration"]["patches"] == 8
     again = runner.invoke(app, [*args, "--no-progress"])
     assert again.exit_code == 2 and "exists" in again.output
-    bad = runner.invoke(app, [*args, "--overwrite", "--patches", "x", "--no-progress"])
-    assert bad.exit_code == 2 and "--patches 'x'" in bad.output
+    for patches in ("x", "0"):
+        bad = runner.invoke(app, [*args, "--overwrite", "--patches", patches, "--no-progress"])
+        assert bad.exit_code == 2 and f"--patches {patches!r}" in bad.output
 
 
 def test_auto_recalibrates_batchnorm_networks_and_leaves_batchrenorm_alone(files, tmp_path):
@@ -255,3 +263,32 @@ def test_recalibrating_a_finished_run_by_resuming_it(files, tmp_path):
     assert result.losses == [] and rec is not None
     assert rec["before"] is not None and rec["after"] is not None  # validated before, too
     assert rec["before"] != rec["after"]
+
+
+def test_precise_does_not_depend_on_the_order_of_the_patches(rng):
+    patches = _patches(rng, n=6)
+    forward, backward = _net(), _net()
+    population_statistics(forward, patches, "precise", batch_size=1)
+    population_statistics(backward, patches[::-1], "precise", batch_size=1)
+    for a, b in ((forward[1], backward[1]), (forward[4], backward[4])):
+        np.testing.assert_allclose(a.running_mean.numpy(), b.running_mean.numpy(), atol=1e-6)
+        np.testing.assert_allclose(a.running_var.numpy(), b.running_var.numpy(), rtol=1e-5)
+    assert forward[4].freeze_statistics is False  # restored
+
+
+def test_configuration_of_recalibration_names_the_value(files, tmp_path):
+    from nahtlos.training.config import ConfigError
+
+    for bad in (True, "off", -1):
+        with pytest.raises(ConfigError, match=rf"train.recalibrate: {bad!r}: give 'auto'"):
+            _config(files, tmp_path, recalibrate=bad)
+
+
+def test_resuming_from_the_recalibrated_model_keeps_the_step_file(files, tmp_path):
+    cfg = _config(files, tmp_path, steps=2, recalibrate="all")
+    train(cfg, progress=False)
+    step = tmp_path / "run" / "checkpoints" / "step-000002.pt"
+    before = read_checkpoint(step)["model"]
+    train(cfg, resume=tmp_path / "run" / "model.pt", progress=False)
+    after = read_checkpoint(step)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

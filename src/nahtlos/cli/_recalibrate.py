@@ -56,8 +56,8 @@ def recalibrate(
     """
     from ..training.recalibrate import recalibrate_checkpoint
 
-    if patches != "all" and not patches.isdigit():
-        raise fail(f"--patches {patches!r} is not a number of patches or 'all'")
+    if patches != "all" and not (patches.isdigit() and int(patches) > 0):
+        raise fail(f"--patches {patches!r} is not a positive number of patches or 'all'")
     count: int | str = patches if patches == "all" else int(patches)
     done = recalibrate_checkpoint(
         model,

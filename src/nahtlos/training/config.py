@@ -207,12 +207,17 @@ class TrainConfig(ConfigSection):
             raise ValueError(f"{v!r} is not a loss; choose one of {', '.join(LOSSES)}")
         return v
 
-    @field_validator("recalibrate")
+    @field_validator("recalibrate", mode="before")
     @classmethod
-    def _patches(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"{v} patches: give a number >= 0 (0: off) or 'all'")
-        return v
+    def _patches(cls, v: Any) -> Any:
+        # before pydantic's coercion: `true` must not become 1 patch, and one message
+        # names the value and the choices
+        if v in ("all", "auto") or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(
+            f"{v!r}: give 'auto' (BatchNorm networks), 'all' (tiles covering the training "
+            "regions), a number of random patches, or 0 (off)"
+        )
 
     @field_validator("recalibrate_method")
     @classmethod

@@ -54,7 +54,7 @@ def plot_curves(out: Path, names: Sequence[str]) -> Path | None:
         smooth = np.convolve(loss, np.ones(width) / width, mode="valid")
         ax1.plot(steps[width - 1 :], smooth, color="C0", label=f"mean of {width}")
     ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("loss (train.loss)")
+    ax1.set_ylabel("training loss")
     ax1.set_title("training loss")
     ax1.legend()
     if val.exists():

@@ -257,9 +257,10 @@ class _Run:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:2])
             raise ShapeMismatchError(
                 f"train.init {init!r}: its weights do not fit the network of this "
-                f"configuration ({str(exc).splitlines()[0]}); convert it first with "
+                f"configuration ({detail[:300]}); convert it first with "
                 f"`nahtlos convert {init} OUT.pt --to {self.config.model.norm}` and check "
                 "model.channels/strides/ndim"
             ) from exc
@@ -366,6 +367,7 @@ class _Run:
         if count == 0 or not running_stat_layers(self.model):
             return None
         assert self.config.data.patch is not None
+        patches: Sequence[np.ndarray]
         if count == "all":
             patches = volume_tiles(self.train_vols, self.config.data.patch)
         else:
@@ -429,7 +431,10 @@ def train(
     result = TrainResult(out, out / "model.pt", start, config.train.steps, class_names=run.names)
     last_ckpt = _loop(run, start, result)
     if last_ckpt is None:  # nothing left to do: the resumed checkpoint is the result
-        last_ckpt = run.checkpoint(start)
+        existing = out / "checkpoints" / f"step-{start:06d}.pt"
+        # never overwrite a step file: it holds the moving averages to resume from,
+        # while the checkpoint resumed from may be a recalibrated model.pt
+        last_ckpt = existing if existing.exists() else run.checkpoint(start)
         plot_curves(out, run.names)
     recalibration = run.recalibrate(result.validation[-1] if result.validation else None)
     if recalibration is None:

@@ -8,7 +8,8 @@ every seamless tiled prediction) uses them. Recalibration replaces them by stati
 the *final* network over a set of training patches, computed exactly (no moving average):
 
 ``pooled`` (default)
-    Layer by layer in eval mode, in the order the network calls them: each layer gets
+    Layer by layer in eval mode, in module order (``named_modules``, which is the order of
+    the calls for MONAI's U-Net and UNETR and for sequential networks): each layer gets
     the mean and (biased) variance of all voxels of all patches at its input, as one
     population (within- *and* between-patch variance), and the deeper layers see inputs
     normalized with the already recalibrated shallower ones, as they will at prediction
@@ -18,9 +19,9 @@ the *final* network over a set of training patches, computed exactly (no moving 
     The same, but each layer gets the mean over the patches of its input's per-patch
     channel means and variances (within-patch variance only).
 ``precise``
-    The classic "precise BN": train-mode forwards (the layers normalize with batch
-    statistics, as in training) over batches of patches, averaging each layer's batch
-    means and variances.
+    The classic "precise BN": train-mode forwards over batches of patches, averaging each
+    layer's batch means and variances. The layers normalize as in training: BatchNorm
+    with the batch statistics, BatchRenorm with its running statistics held fixed.
 
 Which networks gain (docs/training.md): BatchNorm networks, whose moving averages lag
 behind the final weights, gain eval-mode Dice; ``nahtlos train`` recalibrates them by
@@ -64,6 +65,7 @@ __all__ = [
     "DEFAULT_RECALIBRATION",
     "RECALIBRATION_METHODS",
     "LayerStatistics",
+    "Patches",
     "Recalibration",
     "RecalibrationError",
     "image_patches",
@@ -145,6 +147,23 @@ def running_stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+class Patches(Sequence[np.ndarray]):
+    """Patches read on demand: recalibration passes over them once per layer, and tiles
+    covering large training volumes need not fit in memory at once."""
+
+    def __init__(self, read: Any, where: Sequence[Any]) -> None:
+        self._read = read
+        self._where = list(where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._read(w) for w in self._where[index]]
+        return self._read(self._where[index])
+
+
 def image_patches(
     images: Sequence[ArrayLike],
     ndim: int,
@@ -153,7 +172,7 @@ def image_patches(
     *,
     seed: int = 0,
     input_transform: Any = None,
-) -> list[np.ndarray]:
+) -> Patches:
     """Patches of images (``(C, *patch)`` float32, after ``input_transform``).
 
     ``count`` patches are drawn uniformly at random over the images (each image with a
@@ -190,21 +209,21 @@ def image_patches(
             )
             for i in picks
         ]
-    return [_read_patch(images[i], o, patch, ndim, input_transform) for i, o in origins]
+    return Patches(lambda w: _read_patch(images[w[0]], w[1], patch, ndim, input_transform), origins)
 
 
-def volume_tiles(volumes: Sequence[Volume], patch: Sequence[int]) -> list[np.ndarray]:
+def volume_tiles(volumes: Sequence[Volume], patch: Sequence[int]) -> Patches:
     """Input-normalized ``(C, *patch)`` tiles covering the regions of training volumes
-    (non-overlapping; the last ones along an axis moved inward to fit)."""
-    tiles = []
+    (non-overlapping; the last ones along an axis moved inward to fit), read on demand."""
+    where = []
     for vol in volumes:
         starts = [r.start for r in vol.region]
         for origin in _tile_origins(vol.region_shape, patch):
             region = tuple(
                 slice(s + o, s + o + p) for s, o, p in zip(starts, origin, patch, strict=True)
             )
-            tiles.append(vol.read_image(region))
-    return tiles
+            where.append((vol, region))
+    return Patches(lambda w: w[0].read_image(w[1]), where)
 
 
 def _tile_origins(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, ...]]:
@@ -223,9 +242,11 @@ def _read_patch(
     channels = split_channels(image, ndim)
     key = (slice(None), *region) if channels else region
     values = np.asarray(image[key], dtype=np.float32)
+    if not channels:
+        values = values[None]  # input normalization works on (C, *spatial)
     if transform is not None:
         values = np.asarray(transform(values), dtype=np.float32)
-    return values if channels else values[None]
+    return values
 
 
 class _Stop(Exception):
@@ -269,7 +290,7 @@ class _Moments:
 
 def _batches(patches: Sequence[np.ndarray], size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(patches), size):
-        yield np.stack(patches[start : start + size])
+        yield np.stack(list(patches[start : start + size]))
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -318,13 +339,21 @@ def _measure_train_mode(
         )
         for name, layer in layers
     ]
+    # BatchRenorm's r and d depend on its running statistics: keep them fixed while
+    # measuring, so that every batch sees the same layers (BatchNorm's are restored anyway)
+    renorm = batchrenorm_layers(model)
+    frozen = [m.freeze_statistics for m in renorm]
     try:
+        for m in renorm:
+            m.freeze_statistics = True
         with measuring_mode(model, train=True), torch.no_grad():
             for batch in _batches(patches, batch_size):
                 model(torch.from_numpy(batch).to(device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
+        for m, was in zip(renorm, frozen, strict=True):
+            m.freeze_statistics = was
     return moments
 
 
@@ -467,23 +496,39 @@ def recalibrate_checkpoint(
         raise RecalibrationError(
             f"{len(labels)} label images for {len(images)} images: give one per image, or none"
         )
+    if method not in RECALIBRATION_METHODS:
+        raise RecalibrationError(
+            f"recalibration method {method!r} is not one of {', '.join(RECALIBRATION_METHODS)}"
+        )
     loaded = load_model(src)
     if loaded.kind != "checkpoint":
         raise RecalibrationError(
             f"{str(src)!r} is a TorchScript file: recalibrate the nahtlos checkpoint it was "
             "exported from (TorchScript layers take no hooks)"
         )
+    if not running_stat_layers(loaded.module):
+        raise RecalibrationError(
+            f"{str(src)!r} has no BatchNorm or BatchRenorm layers: there are no running "
+            "statistics to recalibrate"
+        )
     state = read_checkpoint(src)
     meta = dict(state["prediction"])
     ndim = int(meta["ndim"])
     patch = tuple(meta.get("window") or state["config"]["data"]["patch"])
     arrays = [open_image(p) for p in images]
+    if patches != "all" and (not isinstance(patches, int) or patches < 1):
+        raise RecalibrationError(f"patches={patches!r}: give a number >= 1 or 'all'")
     drawn: list[np.ndarray] = []
     for i, array in enumerate(arrays):
-        share = patches if patches == "all" else max(1, round(int(patches) / len(arrays)))
+        # random patches split over the images: the first ones take the remainder
+        share: int | str = patches
+        if isinstance(patches, int):
+            share = patches // len(arrays) + (i < patches % len(arrays))
+            if share == 0:
+                continue
         transform = loaded.input_transform(array, ndim, progress=progress)
-        drawn += image_patches(
-            [array], ndim, patch, share, seed=seed + i, input_transform=transform
+        drawn += list(
+            image_patches([array], ndim, patch, share, seed=seed + i, input_transform=transform)
         )
     volumes = [
         _volume(p, lab, ndim, meta, progress) for p, lab in zip(images, labels, strict=False)

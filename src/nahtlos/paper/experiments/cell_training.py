@@ -46,6 +46,7 @@ def cell_config(
         "lr_schedule": a.lr_schedule,
         "loss": a.loss,
         "recalibrate": a.recalibrate,
+        "recalibrate_method": a.recalibrate_method,
         # the same patches for every cell: only the norm differs
         "seed": preset.seed if preset.train_seed is None else preset.train_seed,
         "renorm": {"warmup_steps": a.warmup_steps, "ramp_steps": a.ramp_steps},
@@ -60,6 +61,12 @@ def cell_config(
     return validate_config(
         {"data": data, "model": model, "train": train, "out": str(run)}, f"cell {cell.key}"
     )
+
+
+def ends_with_recalibration(preset: Preset, cell: Cell) -> bool:
+    """Whether the training of ``cell`` ends with a recalibration step (that writes
+    ``model.pt`` after the last checkpoint)."""
+    return preset.arch(cell.arch).recalibrate not in (0, "0")
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -99,6 +106,11 @@ def train_cell(
     run = root / "cells" / cell.key / "train"
     final = final_checkpoint(root, preset, cell)
     if final.exists():
+        if ends_with_recalibration(preset, cell) and not (run / "model.pt").exists():
+            # interrupted after the last step, before the final network was written:
+            # resuming at the last step only recalibrates
+            with (run / "train.log").open("a") as log, contextlib.redirect_stdout(log):
+                train(config, resume=final, out_dir=run, progress=False)
         return final, steps, 0.0, None
     source = shared_training(preset, cell)
     if source is not None and final_checkpoint(root, preset, source).exists():

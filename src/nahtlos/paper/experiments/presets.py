@@ -111,9 +111,10 @@ class ArchPreset:
     warmup_steps, ramp_steps
         BatchRenorm: plain BatchNorm for ``warmup_steps``, then r_max/d_max ramp
         linearly to 3/5 over ``ramp_steps``; the remaining steps train at full bounds.
-    loss, lr_schedule, recalibrate, foreground_bias
-        ``train.loss``, ``train.lr_schedule``, ``train.recalibrate`` and
-        ``data.foreground_bias`` of the training configuration; the defaults are the
+    loss, lr_schedule, recalibrate, recalibrate_method, foreground_bias
+        ``train.loss``, ``train.lr_schedule``, ``train.recalibrate``,
+        ``train.recalibrate_method`` and ``data.foreground_bias`` of the training
+        configuration; the defaults are the
         paper's recipe (Dice loss, constant learning rate, no recalibration, uniform
         patches).
     """
@@ -128,7 +129,8 @@ class ArchPreset:
     ramp_steps: int
     loss: str = "dice"
     lr_schedule: str = "constant"
-    recalibrate: int = 0
+    recalibrate: int | str = 0
+    recalibrate_method: str = "pooled"
     foreground_bias: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,17 +226,6 @@ class Preset:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Why the quick preset looks like this (2 CPU cores, under 40 minutes for 30 trainings):
-# * batch size 1, as in the paper: BatchNorm's statistics of a single patch are what make
-#   its running averages unrepresentative (the source of train/eval disparity); the
-#   gradient is accumulated over 4 patches instead of the paper's 8 to halve the cost.
-# * BatchRenorm: a BatchNorm warm-up of 40% of the steps (1920 patches: the running
-#   statistics, momentum 0.01, keep e^-19 of their initial values, and the loss has
-#   levelled off), a ramp over 30% and 30% at full r_max = 3, d_max = 5. The paper
-#   stresses that training must converge before the switch and that it be gradual.
-# * small widths (U-Net 16-32-64, the paper's depth; UNETR hidden size 96 instead of 768).
-
-
 def _recipe(
     patch: tuple[int, ...],
     model: Mapping[str, Any],
@@ -261,6 +252,7 @@ def _recipe(
             "loss": default_loss("sigmoid"),
             "lr_schedule": train.lr_schedule,
             "recalibrate": train.recalibrate,
+            "recalibrate_method": train.recalibrate_method,
             "foreground_bias": DataConfig.model_fields["foreground_bias"].default,
         }
     return ArchPreset(
@@ -284,6 +276,8 @@ def _recipe(
 #   statistics, momentum 0.01, keep e^-19 of their initial values, and the loss has
 #   levelled off.
 # * small widths (U-Net 16-32-64, the paper's depth; UNETR hidden size 96 instead of 768).
+# * the rest of the recipe is `nahtlos train`'s defaults (loss, schedule, sampling,
+#   recalibration); the longer BatchRenorm warm-up stays, as in the paper.
 QUICK = Preset(
     name="quick",
     ndim=2,
