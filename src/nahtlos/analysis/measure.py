@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..engine.geometry import Block, BlockGrid
-from ..engine.predict import predict_blockwise, predict_whole
+from ..engine.predict import predict_grid, predict_whole
 from ..errors import NahtlosError, NahtlosWarning
 from ..nets.receptive_field import ReceptiveField
 from ..nets.receptive_field import receptive_field as measure_receptive_field
@@ -108,13 +108,10 @@ class Workbench:
         model = self.module if module is None else module
         with measuring_mode(model, train=False):
             return np.asarray(
-                predict_blockwise(
+                predict_grid(
                     model,
                     self.arr,
-                    grid.block,
-                    grid.halo,
-                    grid.alignment,
-                    ndim=self.ndim,
+                    grid,
                     batch_size=self.batch_size,
                     input_transform=self.transform,
                     output_transform=self.act,
