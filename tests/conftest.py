@@ -62,3 +62,27 @@ def nuclei(
         labels[inside & (labels == 0)] = i
     image = 200.0 * (labels > 0) + rng.normal(50, 15, shape) + np.linspace(0, gradient, shape[-1])
     return image.astype(np.float32), labels
+
+
+def nuclei_config(
+    files: tuple[str, str], tmp_path: object, model: dict | None = None, **train: object
+) -> object:
+    """A small 2D U-Net configuration on a ``nuclei()`` image pair: half of it along x
+    validates; ``model`` and ``train`` fields override the defaults here."""
+    from pathlib import Path
+
+    from nahtlos.training.config import validate_config
+
+    image, labels = files
+    return validate_config(
+        {
+            "data": {
+                "train": [{"image": image, "labels": labels}],
+                "split": {"fraction": 0.5, "axis": "x"},
+                "patch": [32, 32],
+            },
+            "model": {"ndim": 2, "norm": "batch", "channels": [8, 16, 32]} | (model or {}),
+            "train": {"val_block": [32, 32]} | train,
+            "out": str(Path(str(tmp_path)) / "run"),
+        }
+    )

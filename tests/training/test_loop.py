@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import nuclei
+from conftest import nuclei, nuclei_config
 from nahtlos.analysis.metrics import binarize, dice_per_channel
 from nahtlos.cli import app
 from nahtlos.engine.predict import predict_blockwise, predict_whole
@@ -34,32 +34,9 @@ def files(tmp_path):
 
 
 def _config(files, tmp_path, activation="sigmoid", **train):
-    image, labels = files
-    return validate_config(
-        {
-            "data": {
-                "train": [{"image": image, "labels": labels}],
-                "split": {"fraction": 0.5, "axis": "x"},
-                "patch": [32, 32],
-            },
-            "model": {
-                "ndim": 2,
-                "norm": "batch",
-                "channels": [8, 16, 32],
-                "activation": activation,
-            },
-            "train": {
-                "steps": 12,
-                "batch_size": 2,
-                "accumulate": 2,
-                "val_every": 4,
-                "checkpoint_every": 6,
-                "val_block": [32, 32],
-            }
-            | train,
-            "out": str(tmp_path / "run"),
-        }
-    )
+    defaults = {"steps": 12, "batch_size": 2, "accumulate": 2, "val_every": 4}
+    defaults |= {"checkpoint_every": 6}
+    return nuclei_config(files, tmp_path, {"activation": activation}, **(defaults | train))
 
 
 # ------------------------------------------------------------------------------ training

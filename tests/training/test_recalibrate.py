@@ -12,11 +12,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import nuclei
+from conftest import nuclei, nuclei_config
 from nahtlos.cli import app
 from nahtlos.nets.checkpoint import load_model, read_checkpoint
 from nahtlos.nets.norms import BatchRenorm2d
-from nahtlos.training.config import validate_config
 from nahtlos.training.loop import train
 from nahtlos.training.recalibrate import (
     RecalibrationError,
@@ -174,27 +173,9 @@ def files(tmp_path):
 
 
 def _config(files, tmp_path, norm="batch", **train):
-    image, labels = files
-    return validate_config(
-        {
-            "data": {
-                "train": [{"image": image, "labels": labels}],
-                "split": {"fraction": 0.5, "axis": "x"},
-                "patch": [32, 32],
-            },
-            "model": {"ndim": 2, "norm": norm, "channels": [8, 16, 32]},
-            "train": {
-                "steps": 40,
-                "batch_size": 1,
-                "accumulate": 1,
-                "val_every": 40,
-                "checkpoint_every": 40,
-                "val_block": [32, 32],
-            }
-            | train,
-            "out": str(tmp_path / "run"),
-        }
-    )
+    defaults = {"steps": 40, "batch_size": 1, "accumulate": 1, "val_every": 40}
+    defaults |= {"checkpoint_every": 40}
+    return nuclei_config(files, tmp_path, {"norm": norm}, **(defaults | train))
 
 
 def test_batchnorm_with_batch_one_loses_its_disparity(files, tmp_path):
